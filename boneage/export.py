@@ -1,0 +1,110 @@
+"""Export a trained model: `.keras`, a TF SavedModel for TF Serving, and `model_card.json`.
+
+    python -m boneage export runs/small/best.keras --out runs/small/export [--config ...]
+
+The folder is built under a temporary name and renamed into place, so a reader (or a crash)
+never sees half an export. The SavedModel's default signature takes encoded PNG bytes and sex
+(1.0 male, 0.0 female) and returns months, so a TF Serving client does no preprocessing:
+
+    saved_model_cli run --dir EXPORT/saved_model --tag_set serve --signature_def serving_default ...
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+MODEL_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
+CARD_FILE = "model_card.json"
+PACKAGES = ("boneage-tune", "tensorflow", "keras", "numpy", "pandas", "scikit-learn", "ray", "optuna")
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def serving_function(model):
+    """PNG bytes [N] + sex [N] -> {"months": [N]}, decoding with the pipeline's own function."""
+    import tensorflow as tf
+
+    from boneage.pipeline import prepare_image
+
+    image_size = int(model.inputs[0].shape[1])
+    include_sex = len(model.inputs) > 1
+
+    def serve(png, male):
+        images = tf.map_fn(lambda b: prepare_image(b, image_size), png, fn_output_signature=tf.uint8)
+        features = {"image": tf.cast(images, tf.float32)}
+        if include_sex:
+            features["male"] = tf.reshape(tf.cast(male, tf.float32), [-1, 1])
+        return {"months": tf.reshape(model(features, training=False), [-1])}
+
+    signature = [tf.TensorSpec([None], tf.string, name="png"), tf.TensorSpec([None], tf.float32, name="male")]
+    return serve, signature
+
+
+def export_model(model, out_dir, card: dict) -> Path:
+    """Write out_dir/{model.keras, saved_model/, model_card.json} atomically; returns out_dir."""
+    import keras
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        model.save(staging / MODEL_FILE)
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        serve, signature = serving_function(model)
+        archive.add_endpoint(name="serve", fn=serve, input_signature=signature)
+        archive.write_out(str(staging / SAVED_MODEL_DIR), verbose=False)
+        card = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "inputs": {"image": f"grey {model.inputs[0].shape[1]}x{model.inputs[0].shape[1]}, raw 0-255",
+                       "male": "1.0 male / 0.0 female" if len(model.inputs) > 1 else "ignored"},
+            "output": "bone age in months",
+            "serving_signature": "serving_default(png: string[N], male: float32[N]) -> months: float32[N]",
+            "packages": package_versions(),
+            **card,
+        }
+        (staging / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+            os.replace(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_exported(path):
+    """A .keras file, or an export folder holding one."""
+    import keras
+
+    from boneage import train  # noqa: F401  registers the training loss for deserialisation
+    from boneage.errors import InputError
+
+    path = Path(path)
+    model_file = path / MODEL_FILE if path.is_dir() else path
+    if not model_file.is_file():
+        raise InputError(f"no model at {path} (expected a .keras file or an export folder with {MODEL_FILE})")
+    try:
+        return keras.models.load_model(model_file, compile=False)
+    except Exception as err:  # Keras raises many types for a bad file
+        raise InputError(f"could not load model {model_file}: {err}") from None
