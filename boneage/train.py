@@ -117,48 +117,50 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    if resume:
-        model = keras.models.load_model(resume.model_path)
-    else:
-        if m.weights not in ("imagenet", "none") and not Path(m.weights).is_file():
-            raise InputError(f"config key model.weights: weights file not found: {m.weights}")
-        try:
-            model = build_model(m.image_size, m.weights, m.frozen_layers, m.use_sex, m.dropout,
-                                m.head_units, m.bn_momentum, age_mean, age_std)
-        except (ValueError, OSError) as err:
-            raise InputError(f"config key model.weights: could not load {m.weights}: {err}") from None
+    # Several GPUs in this process (a retrain on a whole node): mirror the model across them.
+    with _distribution_strategy().scope():
+        if resume:
+            model = keras.models.load_model(resume.model_path)
+        else:
+            if m.weights not in ("imagenet", "none") and not Path(m.weights).is_file():
+                raise InputError(f"config key model.weights: weights file not found: {m.weights}")
+            try:
+                model = build_model(m.image_size, m.weights, m.frozen_layers, m.use_sex, m.dropout,
+                                    m.head_units, m.bn_momentum, age_mean, age_std)
+            except (ValueError, OSError) as err:
+                raise InputError(f"config key model.weights: could not load {m.weights}: {err}") from None
 
-    steps_per_epoch = math.ceil(len(splits.train) / t.batch_size)
-    tracker = _BestTracker(resume)
-    history: dict[str, list] = {k: list(v) for k, v in (resume.history if resume else {}).items()}
-    own = [tracker, keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: _append(history, e, logs))]
-    if out_dir:
-        own.append(keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=resume is not None))
-    if has_val and t.early_stopping_patience:
-        own.append(keras.callbacks.EarlyStopping("val_mae", patience=t.early_stopping_patience))
+        steps_per_epoch = math.ceil(len(splits.train) / t.batch_size)
+        tracker = _BestTracker(resume)
+        history: dict[str, list] = {k: list(v) for k, v in (resume.history if resume else {}).items()}
+        own = [tracker, keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: _append(history, e, logs))]
+        if out_dir:
+            own.append(keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=resume is not None))
+        if has_val and t.early_stopping_patience:
+            own.append(keras.callbacks.EarlyStopping("val_mae", patience=t.early_stopping_patience))
 
-    start, started = (resume.epoch if resume else 0), time.time()
-    phases = []  # (first epoch, last epoch, frozen blocks, learning rate)
-    if t.head_epochs and t.head_epochs < t.epochs:
-        phases.append((0, t.head_epochs, 14, t.head_learning_rate))
-    phases.append((phases[-1][1] if phases else 0, t.epochs, m.frozen_layers, t.learning_rate))
-    for first, last, frozen, lr in phases:
-        if start >= last:
-            continue
-        phase_callbacks = list(own)
-        if t.schedule == "cosine":
-            lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps_per_epoch * (last - first))
-        elif t.schedule == "plateau" and has_val:
-            phase_callbacks.append(keras.callbacks.ReduceLROnPlateau(
-                "val_mae", factor=t.plateau_factor, patience=t.plateau_patience, min_lr=lr * 1e-3))
-        if not (resume and start > first):  # a resumed phase keeps its optimizer state
-            set_frozen_blocks(model, frozen)
-            _compile(model, cfg, lr, age_std)
-        model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=max(start, first),
-                  callbacks=phase_callbacks + list(callbacks), verbose=t.verbose)
-        start = last
-        if model.stop_training:
-            break
+        start, started = (resume.epoch if resume else 0), time.time()
+        phases = []  # (first epoch, last epoch, frozen blocks, learning rate)
+        if t.head_epochs and t.head_epochs < t.epochs:
+            phases.append((0, t.head_epochs, 14, t.head_learning_rate))
+        phases.append((phases[-1][1] if phases else 0, t.epochs, m.frozen_layers, t.learning_rate))
+        for first, last, frozen, lr in phases:
+            if start >= last:
+                continue
+            phase_callbacks = list(own)
+            if t.schedule == "cosine":
+                lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps_per_epoch * (last - first))
+            elif t.schedule == "plateau" and has_val:
+                phase_callbacks.append(keras.callbacks.ReduceLROnPlateau(
+                    "val_mae", factor=t.plateau_factor, patience=t.plateau_patience, min_lr=lr * 1e-3))
+            if not (resume and start > first):  # a resumed phase keeps its optimizer state
+                set_frozen_blocks(model, frozen)
+                _compile(model, cfg, lr, age_std)
+            model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=max(start, first),
+                      callbacks=phase_callbacks + list(callbacks), verbose=t.verbose)
+            start = last
+            if model.stop_training:
+                break
 
     if tracker.best_weights is not None:
         model.set_weights(tracker.best_weights)
@@ -175,6 +177,13 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
         "history": history,
     }
     return metrics, model
+
+
+def _distribution_strategy():
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
 
 def _append(history: dict, epoch: int, logs: dict) -> None:

@@ -1,0 +1,46 @@
+"""Shared fixtures: small phantom datasets in tmp folders and tiny configs that train in seconds."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SAMPLE_DATA = os.environ.get("BONEAGE_SAMPLE_DATA")
+needs_sample = pytest.mark.skipif(not SAMPLE_DATA, reason="set BONEAGE_SAMPLE_DATA to an RSNA-layout folder")
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory) -> Path:
+    """60 training + 8 test phantom radiographs in the RSNA layout."""
+    from boneage import phantom
+
+    return phantom.generate(tmp_path_factory.mktemp("data") / "phantom", n=60, seed=1, n_test=8)
+
+
+@pytest.fixture(scope="session")
+def sample_root() -> Path:
+    if not SAMPLE_DATA:
+        pytest.skip("set BONEAGE_SAMPLE_DATA to an RSNA-layout folder")
+    return Path(SAMPLE_DATA)
+
+
+def tiny_overrides(root) -> list[str]:
+    """A config that trains one epoch at Xception's minimum size."""
+    return [f"data.root={root}", "data.source=rsna", "data.val_fraction=0.2", "data.test_fraction=0.2",
+            "model.image_size=71", "model.weights=none", "train.epochs=1", "train.batch_size=16",
+            "train.verbose=0", "train.early_stopping_patience=0"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, phantom_root):
+    """One small train -> evaluate -> export run, shared by the tests that inspect it."""
+    from boneage.config import load_config
+    from boneage.train import run
+
+    out = tmp_path_factory.mktemp("run") / "small"
+    cfg = load_config(None, tiny_overrides(phantom_root))
+    results = run(cfg, out, report=lambda message: None)
+    return out, cfg, results

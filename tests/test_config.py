@@ -1,0 +1,69 @@
+"""Config: typed sections, named errors, dotted overrides, resolved copy written beside a run."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from boneage.config import Config, load_config, parse_override, save_config
+from boneage.errors import InputError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  learning_rate: 3e-4\n  epochs: 2\nmodel:\n  frozen_layers: 4\n"))
+    assert cfg.train.learning_rate == pytest.approx(3e-4)  # YAML 1.1 reads 3e-4 as text
+    assert cfg.train.epochs == 2 and cfg.model.frozen_layers == 4
+    assert cfg.train.batch_size == Config().train.batch_size
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  learnig_rate: 0.1\n", "train.learnig_rate"),
+    ("trian:\n  epochs: 1\n", "trian"),
+    ("train:\n  epochs: two\n", "train.epochs"),
+    ("train:\n  epochs: 1.5\n", "train.epochs"),
+    ("model:\n  use_sex: maybe\n", "model.use_sex"),
+    ("model:\n  frozen_layers: 15\n", "model.frozen_layers"),
+    ("model:\n  image_size: 64\n", "model.image_size"),
+    ("train:\n  loss: l1\n", "train.loss"),
+    ("train:\n  augment_strength: 1.5\n", "train.augment_strength"),
+    ("data: 3\n", "data"),
+])
+def test_bad_config_names_the_key(tmp_path, text, key):
+    with pytest.raises(InputError, match=key.replace(".", r"\.")):
+        load_config(write(tmp_path, text))
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(None, ["train.learning_rate=3e-4", "model.use_sex=false", "data.root=/x/y"])
+    assert cfg.train.learning_rate == pytest.approx(3e-4)
+    assert cfg.model.use_sex is False and cfg.data.root == "/x/y"
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    for bad in ["train.epochs", "=3"]:
+        with pytest.raises(InputError):
+            parse_override(bad)
+    with pytest.raises(InputError, match="train.nope"):
+        load_config(None, ["train.nope=1"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.epochs=7", "model.weights=none"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["epochs"] == 7
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_cli_reports_bad_config_with_status_2(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 0\n")
+    proc = subprocess.run([sys.executable, "-m", "boneage", "train", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "train.epochs" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "boneage", "train", "--bogus"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--bogus" in proc.stderr

@@ -1,0 +1,60 @@
+"""The search config: the library's `Config` plus a `tune` section.
+
+    cfg = load_search_config("configs/demo.yaml", ["tune.num_samples=4"])
+
+Everything a trial trains with comes from `data`, `model` and `train`; `tune.space` says which of
+those values the search varies (see `tuning.space`). `train.epochs` is each trial's maximum
+number of epochs, and ASHA's `max_t`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from boneage.config import Config, _range, load_config
+
+
+@dataclass
+class ResourcesConfig:
+    cpu: float = field(default=1.0, metadata=_range(0.0))
+    gpu: float = field(default=0.0, metadata=_range(0.0))  # fractions share a GPU: 0.5 = two trials
+
+
+@dataclass
+class TuneConfig:
+    storage_path: str = "experiments"  # local folder, shared file system, or s3://bucket/path
+    optuna_storage: Optional[str] = None  # Optuna storage URL; None = SQLite in the experiment folder
+    num_samples: int = field(default=8, metadata=_range(1))
+    max_concurrent_trials: int = field(default=2, metadata=_range(1))
+    n_startup_trials: int = field(default=3, metadata=_range(0))  # random trials before TPE
+    seed: int = 0
+    grace_period: int = field(default=1, metadata=_range(1))  # epochs before ASHA may stop a trial
+    reduction_factor: float = field(default=2.0, metadata=_range(1.01))
+    time_budget_s: float = field(default=0.0, metadata=_range(0.0))  # 0 = none
+    gpu_hours_budget: float = field(default=0.0, metadata=_range(0.0))  # 0 = none
+    checkpoint_every: int = field(default=1, metadata=_range(1))  # epochs between trial checkpoints
+    max_failures: int = field(default=1, metadata=_range(0))  # retries of a crashed trial
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    space: dict[str, Any] = field(default_factory=dict)
+    points_to_evaluate: list[Any] = field(default_factory=list)
+    retrain: bool = True  # retrain the best config on train + val, test and export it
+    retrain_gpus: int = field(default=-1, metadata=_range(-1))  # -1 = all GPUs of one node
+    retrain_cpus: float = field(default=0.0, metadata=_range(0.0))  # 0 = the trials' share
+
+
+@dataclass
+class SearchConfig(Config):
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+def load_search_config(path=None, overrides=()) -> SearchConfig:
+    from tuning.space import parse_space
+
+    from boneage.errors import InputError
+
+    cfg = load_config(path, overrides, config_class=SearchConfig)
+    if cfg.tune.gpu_hours_budget and not cfg.tune.resources.gpu:
+        raise InputError("tune.gpu_hours_budget is set but trials use no GPU (tune.resources.gpu: 0); "
+                         "use tune.time_budget_s instead")
+    parse_space(cfg)  # a bad space is an error now, not after Ray has started
+    return cfg

@@ -1,0 +1,168 @@
+"""After the search: collect the trials, retrain the best config, test it, export, report.
+
+    python -m tuning.search --retrain-only experiments/demo-20261201-101500
+
+The retrain uses train + validation for as many epochs as the best trial needed to reach its
+best validation MAE, with a cosine schedule (it has no validation set to watch), then is tested
+once on the held-out test split. It runs as a Ray task holding the GPUs it needs, so on a
+cluster it lands on a GPU worker, with every GPU of that node (MirroredStrategy) by default.
+Writes into the experiment folder: trials.csv, best_config.yaml, test_metrics.json, model/
+(the export), final/ (history, predictions) and report.md with its plots.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import socket
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from boneage.config import from_dict, save_config, write_atomic
+from boneage.errors import InputError
+from tuning.config import SearchConfig
+
+
+def collect_trials(results, cfg: SearchConfig) -> pd.DataFrame:
+    """One row per trial from a Ray ResultGrid: parameters, per-epoch val MAE, status, time, node."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        curve = [float(v) for v in history["val_mae"]] if history is not None and "val_mae" in history else []
+        epochs = int(result.metrics.get("epoch", len(curve)) or 0)
+        status = ("error" if result.error else
+                  "stopped_early" if epochs < cfg.train.epochs else "completed")
+        row = {"trial_id": str(result.metrics.get("trial_id", Path(result.path).name)), "status": status,
+               "epochs": epochs, "best_val_mae": min(curve) if curve else math.nan,
+               "last_val_mae": curve[-1] if curve else math.nan, "val_mae_per_epoch": curve,
+               "time_s": float(result.metrics.get("time_total_s", 0.0) or 0.0),
+               "node": str(result.metrics.get("node", ""))}
+        params = {k: v for k, v in (result.config or {}).items() if k in cfg.tune.space}
+        row.update({f"param.{k}": v for k, v in params.items()})
+        row["best_epoch"] = int(result.metrics.get("best_epoch", 0) or 0)
+        rows.append(row)
+    if not rows:
+        raise InputError("the search produced no trials")
+    return pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
+
+
+def best_config(cfg: SearchConfig, trials: pd.DataFrame) -> tuple[SearchConfig, pd.Series]:
+    """The best trial's config, set up for retraining without a validation set."""
+    from tuning.space import apply_params
+
+    finished = trials[trials["best_val_mae"].notna()]
+    if finished.empty:
+        raise InputError("no trial reported a validation MAE; see the trials' error.txt files")
+    best = finished.loc[finished["best_val_mae"].idxmin()]
+    params = {k[len("param."):]: v for k, v in best.items() if k.startswith("param.")}
+    params = {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
+    tuned = apply_params(cfg, params)
+    tuned.train.epochs = max(1, int(best["best_epoch"]) or int(best["epochs"]))
+    tuned.train.schedule = "cosine"  # no validation set to reduce on plateau or stop early with
+    return tuned, best
+
+
+def retrain_best(cfg_dict: dict, splits, local_dir: str) -> dict:
+    """Runs inside a Ray task: train on train + val, test, export. Returns the results."""
+    import ray
+
+    from boneage.evaluate import evaluate
+    from boneage.export import export_model
+    from boneage.splits import Splits
+    from boneage.train import configure_tensorflow, train
+
+    cfg = from_dict(SearchConfig, cfg_dict)
+    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    gpus = configure_tensorflow(cpus, min(2, cpus), mixed_precision=cfg.train.mixed_precision)
+    combined = Splits(pd.concat([splits.train, splits.val], ignore_index=True), splits.val.iloc[:0],
+                      splits.test, splits.fingerprint, splits.root)
+    final_dir = Path(local_dir) / "final"
+    started = time.time()
+    metrics, model = train(cfg, combined, out_dir=final_dir)
+    test = evaluate(model, splits.test, metrics["age_mean"], cfg.train.batch_size, cfg.train.tta,
+                    final_dir, "test") if len(splits.test) else None
+    export_model(model, Path(local_dir) / "model", {
+        "config": cfg_dict, "data_fingerprint": splits.fingerprint, "split_sizes": splits.sizes(),
+        "trained_on": "train + val", "metrics": {"test": test}})
+    return {"test_metrics": test, "epochs": metrics["epochs_run"], "node": socket.gethostname(),
+            "gpus": len(gpus), "seconds": time.time() - started}
+
+
+def _retrain_resources(cfg: SearchConfig) -> dict:
+    import ray
+
+    gpus = cfg.tune.retrain_gpus
+    if gpus < 0:  # every GPU of the biggest node; 0 on a CPU-only cluster
+        gpus = max([int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]] or [0])
+    return {"num_gpus": gpus, "num_cpus": cfg.tune.retrain_cpus or max(1.0, cfg.tune.resources.cpu)}
+
+
+def finish(cfg: SearchConfig, name: str, local_dir: Path, storage_path: str, results, splits,
+           started: float) -> dict:
+    import ray
+
+    from tuning.report import format_summary, write_report, write_trials_csv
+    from tuning.search import STUDY_DB, study_storage
+
+    search_seconds = time.time() - started
+    trials = collect_trials(results, cfg)
+    write_trials_csv(trials, local_dir / "trials.csv")
+    tuned, best = best_config(cfg, trials)
+    save_config(tuned, local_dir / "best_config.yaml")
+    gpu_seconds = float(trials["time_s"].sum()) * cfg.tune.resources.gpu
+    retrained = None
+    if cfg.tune.retrain:
+        resources = _retrain_resources(tuned)
+        print(f"retraining the best config ({best['trial_id']}, val MAE {best['best_val_mae']:.2f}) "
+              f"for {tuned.train.epochs} epochs on train + val with {resources['num_gpus']} GPU(s) ...")
+        task = ray.remote(**resources)(retrain_best)
+        retrained = ray.get(task.remote(dataclasses.asdict(tuned), splits, str(local_dir)))
+        write_atomic(local_dir / "test_metrics.json", json.dumps(retrained["test_metrics"], indent=2))
+        gpu_seconds += retrained["seconds"] * retrained["gpus"]
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=study_storage(cfg, local_dir))
+    summary = {
+        "name": name, "num_trials": len(trials), "storage": str(local_dir),
+        "best": {"trial_id": best["trial_id"], "val_mae": float(best["best_val_mae"]),
+                 "params": {k[6:]: best[k] for k in trials.columns if k.startswith("param.")},
+                 "epochs": int(best["epochs"])},
+        "test_metrics": retrained and retrained["test_metrics"],
+        "retrain_epochs": retrained and retrained["epochs"],
+        "predictions_csv": str(local_dir / "final" / "test_predictions.csv") if retrained else None,
+        "wall_time_s": time.time() - started, "search_time_s": search_seconds,
+        "gpu_hours": gpu_seconds / 3600.0,
+    }
+    write_report(local_dir, trials, study, summary)
+    write_atomic(local_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    if "://" in storage_path:
+        import pyarrow.fs
+
+        pyarrow.fs.copy_files(str(local_dir), f"{storage_path.rstrip('/')}/{name}/outputs")
+    print(format_summary(summary))
+    print(f"Optuna dashboard: optuna-dashboard sqlite:///{local_dir / STUDY_DB}")
+    return summary
+
+
+def retrain_only(experiment_dir: Path, address: str | None = None) -> dict:
+    from ray import tune
+
+    from boneage.splits import load_splits
+    from tuning.config import load_search_config
+    from tuning.search import SEARCH_CONFIG, experiment_paths, start_ray
+    from tuning.trainable import run_trial
+
+    experiment_dir = experiment_dir.expanduser().resolve()
+    if not (experiment_dir / SEARCH_CONFIG).is_file():
+        raise InputError(f"--retrain-only: {experiment_dir} is not an experiment folder (no {SEARCH_CONFIG})")
+    cfg = load_search_config(experiment_dir / SEARCH_CONFIG)
+    name = experiment_dir.name
+    storage_path, _ = experiment_paths(cfg, name)
+    path = f"{storage_path.rstrip('/')}/{name}"
+    if not tune.Tuner.can_restore(path):
+        raise InputError(f"--retrain-only: no Ray Tune results at {path}")
+    start_ray(address)
+    results = tune.Tuner.restore(path, run_trial).get_results()
+    return finish(cfg, name, experiment_dir, storage_path, results, load_splits(cfg.data), time.time())
