@@ -1,4 +1,4 @@
-"""Read, check, split and fingerprint the RSNA Pediatric Bone Age tables.
+"""Read and check the RSNA Pediatric Bone Age tables.
 
 The data comes as Kaggle's "rsna-bone-age" ships it: a CSV of labels and a folder of `{id}.png`
 radiographs, the folder either flat or nested one level deeper (as in Kaggle's archive):
@@ -16,29 +16,24 @@ CSV, its rows (line numbers as an editor shows them, header = line 1) and files;
 drop_invalid=True the bad rows are dropped and one report line says how many and why.
 
     frame = load_table(root, drop_invalid=drop)                  # or part="test"
-    train, val, test = split_table(frame, 0.15, 0.15, seed=42)   # stratified by age bin and sex
-    save_split({"train": train, "val": val, "test": test}, run_dir); fingerprint(frame)
+
+(splitting, saving splits and fingerprints are in `boneage.splits`).
 
 `load_test_csv` does the same for a `Case ID,Sex` CSV and image folder anywhere (predict), and
 `check_image_file` checks one loose image.
 """
 
 import csv
-import hashlib
 import math
-import numbers
 import os
 import re
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from PIL import Image
-from sklearn.model_selection import train_test_split
 
 from boneage.errors import InputError, summarize
 
@@ -326,90 +321,3 @@ def _load(csv_path, image_dir, part, labels_csv, drop_invalid, check_images, rep
         "boneage": pd.Series([r[2] for r, _ in kept], dtype=float),
         "male": pd.Series([bool(r[3]) for r, _ in kept], dtype=bool),
     }, columns=list(IMAGE_COLUMNS))
-
-
-def _strata(frame, bins: int) -> list:
-    """A stratum label per row: age quantile bin x sex, strata with < 2 rows merged into a
-    neighbour (same sex and nearest age bin first) so that stratified splitting can work."""
-    age = frame["boneage"].to_numpy(dtype=float)
-    labelled = ~np.isnan(age)
-    age_bin = np.full(len(age), -1)  # unlabelled rows get their own bin
-    n = int(labelled.sum())
-    if n:
-        ranks = pd.Series(age[labelled]).rank(method="first").to_numpy()
-        age_bin[labelled] = ((ranks - 1) * min(bins, n) // n).astype(int)
-    keys = list(zip(age_bin.tolist(), frame["male"].astype(bool).tolist()))
-    counts = Counter(keys)
-    while len(counts) > 1:
-        small = min(counts, key=lambda k: (counts[k], k))
-        if counts[small] >= 2:
-            break
-        target = min((k for k in counts if k != small),
-                     key=lambda k: (k[1] != small[1], abs(k[0] - small[0]), k))
-        keys = [target if k == small else k for k in keys]
-        counts = Counter(keys)
-    return [f"{b}{'m' if m else 'f'}" for b, m in keys]
-
-
-def _split_off(frame, count: int, seed: int, age_bins: int):
-    """(rest, part) with `count` rows in part, stratified as finely as the data allows."""
-    if count == 0:
-        return frame, frame.iloc[:0].copy()
-    rows = np.arange(len(frame))
-    for bins in range(max(age_bins, 1), 0, -1):  # bins=1: by sex only
-        try:
-            rest, part = train_test_split(rows, test_size=count, random_state=seed,
-                                          stratify=_strata(frame, bins))
-            break
-        except ValueError:  # too few rows for this many strata
-            continue
-    else:
-        rest, part = train_test_split(rows, test_size=count, random_state=seed)
-    return (frame.iloc[np.sort(rest)].reset_index(drop=True),
-            frame.iloc[np.sort(part)].reset_index(drop=True))
-
-
-def split_table(frame, val_fraction: float, test_fraction: float, seed: int,
-                age_bins: int = 5) -> tuple:
-    """(train, val, test), stratified jointly by age quantile bin and sex, deterministic by seed.
-    Rows keep their order within each part; a part with fraction 0 is an empty frame."""
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
-            raise InputError(f"{name} must be a number in [0, 1), got {value!r}")
-    if val_fraction + test_fraction >= 1:
-        raise InputError(f"val_fraction {val_fraction} + test_fraction {test_fraction} must be below 1")
-    n = len(frame)
-    n_test = max(1, round(test_fraction * n)) if test_fraction > 0 else 0
-    n_val = max(1, round(val_fraction * n)) if val_fraction > 0 else 0
-    if n - n_test - n_val < 1:
-        raise InputError(f"{n} images are too few for val_fraction {val_fraction} and "
-                         f"test_fraction {test_fraction}: no images would be left to train on")
-    frame = frame.reset_index(drop=True)
-    rest, test = _split_off(frame, n_test, seed, age_bins)
-    train, val = _split_off(rest, n_val, seed, age_bins)
-    return train, val, test
-
-
-def fingerprint(frame) -> str:
-    """sha256 hex[:16] of the sorted (id, boneage, male, image file size) rows."""
-    digest = hashlib.sha256()
-    for id_, age, male, path in sorted(zip(frame["id"].astype(str), frame["boneage"],
-                                           frame["male"], frame["path"]), key=lambda r: r[0]):
-        size = os.path.getsize(path) if os.path.exists(path) else -1
-        digest.update(f"{id_},{float(age)!r},{bool(male)},{size}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def save_split(parts: dict, out_dir) -> None:
-    """Write out_dir/split_{name}.csv (id,boneage,male) for each part, atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in parts.items():
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".split_{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                part.loc[:, ["id", "boneage", "male"]].to_csv(f, index=False)
-            os.replace(tmp, out_dir / f"split_{name}.csv")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)

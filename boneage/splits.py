@@ -1,4 +1,4 @@
-"""From a `data` config section to train/validation/test tables.
+"""From a `data` config section to train/validation/test tables, split by age bin and sex.
 
     splits = load_splits(cfg.data, report=print)
     splits.save(run_dir)          # split_train.csv, split_val.csv, split_test.csv
@@ -9,13 +9,19 @@ seeded subsample before splitting, for quick runs.
 """
 from __future__ import annotations
 
+import hashlib
+import numbers
+import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from sklearn.model_selection import train_test_split
 
 from boneage import data
-from boneage.config import DataConfig
+from boneage.config import DataConfig, write_atomic
 from boneage.errors import InputError
 
 
@@ -28,7 +34,7 @@ class Splits:
     root: str
 
     def save(self, out_dir) -> None:
-        data.save_split({"train": self.train, "val": self.val, "test": self.test}, out_dir)
+        save_split({"train": self.train, "val": self.val, "test": self.test}, out_dir)
 
     def sizes(self) -> dict:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
@@ -56,8 +62,8 @@ def load_splits(cfg: DataConfig, report=print) -> Splits:
                             check_images=cfg.check_images, report=report)
     if cfg.max_images and cfg.max_images < len(table):
         table = table.sample(n=cfg.max_images, random_state=cfg.split_seed).reset_index(drop=True)
-    train, val, test = data.split_table(table, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-    return Splits(train, val, test, data.fingerprint(table), str(root))
+    train, val, test = split_table(table, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    return Splits(train, val, test, fingerprint(table), str(root))
 
 
 def load_external_test(cfg: DataConfig, report=print) -> pd.DataFrame | None:
@@ -82,3 +88,81 @@ def _progress_printer(report, what: str):
             report(f"  {what}: {done}/{total}")
 
     return progress
+
+
+def _strata(frame, bins: int) -> list:
+    """A stratum label per row: age quantile bin x sex, strata with < 2 rows merged into a
+    neighbour (same sex and nearest age bin first) so that stratified splitting can work."""
+    age = frame["boneage"].to_numpy(dtype=float)
+    labelled = ~np.isnan(age)
+    age_bin = np.full(len(age), -1)  # unlabelled rows get their own bin
+    n = int(labelled.sum())
+    if n:
+        ranks = pd.Series(age[labelled]).rank(method="first").to_numpy()
+        age_bin[labelled] = ((ranks - 1) * min(bins, n) // n).astype(int)
+    keys = list(zip(age_bin.tolist(), frame["male"].astype(bool).tolist()))
+    counts = Counter(keys)
+    while len(counts) > 1:
+        small = min(counts, key=lambda k: (counts[k], k))
+        if counts[small] >= 2:
+            break
+        target = min((k for k in counts if k != small),
+                     key=lambda k: (k[1] != small[1], abs(k[0] - small[0]), k))
+        keys = [target if k == small else k for k in keys]
+        counts = Counter(keys)
+    return [f"{b}{'m' if m else 'f'}" for b, m in keys]
+
+
+def _split_off(frame, count: int, seed: int, age_bins: int):
+    """(rest, part) with `count` rows in part, stratified as finely as the data allows."""
+    if count == 0:
+        return frame, frame.iloc[:0].copy()
+    rows = np.arange(len(frame))
+    for bins in range(max(age_bins, 1), 0, -1):  # bins=1: by sex only
+        try:
+            rest, part = train_test_split(rows, test_size=count, random_state=seed,
+                                          stratify=_strata(frame, bins))
+            break
+        except ValueError:  # too few rows for this many strata
+            continue
+    else:
+        rest, part = train_test_split(rows, test_size=count, random_state=seed)
+    return (frame.iloc[np.sort(rest)].reset_index(drop=True),
+            frame.iloc[np.sort(part)].reset_index(drop=True))
+
+
+def split_table(frame, val_fraction: float, test_fraction: float, seed: int,
+                age_bins: int = 5) -> tuple:
+    """(train, val, test), stratified jointly by age quantile bin and sex, deterministic by seed.
+    Rows keep their order within each part; a part with fraction 0 is an empty frame."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
+            raise InputError(f"{name} must be a number in [0, 1), got {value!r}")
+    if val_fraction + test_fraction >= 1:
+        raise InputError(f"val_fraction {val_fraction} + test_fraction {test_fraction} must be below 1")
+    n = len(frame)
+    n_test = max(1, round(test_fraction * n)) if test_fraction > 0 else 0
+    n_val = max(1, round(val_fraction * n)) if val_fraction > 0 else 0
+    if n - n_test - n_val < 1:
+        raise InputError(f"{n} images are too few for val_fraction {val_fraction} and "
+                         f"test_fraction {test_fraction}: no images would be left to train on")
+    frame = frame.reset_index(drop=True)
+    rest, test = _split_off(frame, n_test, seed, age_bins)
+    train, val = _split_off(rest, n_val, seed, age_bins)
+    return train, val, test
+
+
+def fingerprint(frame) -> str:
+    """sha256 hex[:16] of the sorted (id, boneage, male, image file size) rows."""
+    digest = hashlib.sha256()
+    for id_, age, male, path in sorted(zip(frame["id"].astype(str), frame["boneage"],
+                                           frame["male"], frame["path"]), key=lambda r: r[0]):
+        size = os.path.getsize(path) if os.path.exists(path) else -1
+        digest.update(f"{id_},{float(age)!r},{bool(male)},{size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def save_split(parts: dict, out_dir) -> None:
+    """Write out_dir/split_{name}.csv (id,boneage,male) for each part, atomically."""
+    for name, part in parts.items():
+        write_atomic(Path(out_dir) / f"split_{name}.csv", part.loc[:, ["id", "boneage", "male"]].to_csv(index=False))

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from boneage import data
-from boneage.data import (IMAGE_COLUMNS, check_image_file, find_image_dir, fingerprint, load_table,
-                          load_test_csv, save_split, split_table)
+from boneage.data import IMAGE_COLUMNS, check_image_file, find_image_dir, load_table, load_test_csv
+from boneage.splits import fingerprint, save_split, split_table
 from boneage.errors import InputError
 
 TRAIN_CSV = "boneage-training-dataset.csv"

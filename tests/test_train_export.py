@@ -45,7 +45,9 @@ def _with_paths(out, frame):
     root = json.loads((out / "export" / "model_card.json").read_text())["config"]["data"]["root"]
     image_dir = data.find_image_dir(root, "training")
     split["path"] = [str(image_dir / f"{i}.png") for i in split["id"]]
-    return split.set_index("id").loc[frame["id"].astype(str)].reset_index()
+    split = split.set_index("id").loc[frame["id"].astype(str)].reset_index()
+    split["predicted"] = frame["predicted"].to_numpy()
+    return split
 
 
 def serve(export_dir, paths, male):

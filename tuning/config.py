@@ -39,7 +39,7 @@ class TuneConfig:
     points_to_evaluate: list[Any] = field(default_factory=list)
     retrain: bool = True  # retrain the best config on train + val, test and export it
     retrain_gpus: int = field(default=-1, metadata=_range(-1))  # -1 = all GPUs of one node
-    retrain_cpus: float = field(default=0.0, metadata=_range(0.0))  # 0 = the trials' share
+    retrain_cpus: float = field(default=0.0, metadata=_range(0.0))  # 0 = every CPU of its node
 
 
 @dataclass

@@ -199,10 +199,10 @@ def _plot_curves(trials: pd.DataFrame, best_id):
     fig, ax = _pyplot().subplots(figsize=(8, 4.5))
     for trial_id, c in curves.items():
         if trial_id != best_id:
-            ax.plot(np.arange(1, len(c) + 1), c, c="tab:blue", alpha=0.35, lw=1)
+            ax.plot(np.arange(1, len(c) + 1), c, c="tab:blue", alpha=0.35, lw=1, marker="o", ms=3)
     if best_id in curves:
         c = curves[best_id]
-        ax.plot(np.arange(1, len(c) + 1), c, c="tab:red", lw=2.5, label=f"best: {best_id}")
+        ax.plot(np.arange(1, len(c) + 1), c, c="tab:red", lw=2.5, marker="o", ms=4, label=f"best: {best_id}")
         ax.legend()
     values = np.concatenate(list(curves.values()))
     values = values[np.isfinite(values)]

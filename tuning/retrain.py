@@ -91,12 +91,17 @@ def retrain_best(cfg_dict: dict, splits, local_dir: str) -> dict:
 
 
 def _retrain_resources(cfg: SearchConfig) -> dict:
+    """GPUs: `tune.retrain_gpus`, -1 = every GPU of the biggest GPU node (0 on a CPU cluster).
+    CPUs: `tune.retrain_cpus`, 0 = every CPU of a node that has those GPUs, since the retrain
+    is the only work left and its input pipeline and TensorFlow threads use them all."""
     import ray
 
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     gpus = cfg.tune.retrain_gpus
-    if gpus < 0:  # every GPU of the biggest node; 0 on a CPU-only cluster
-        gpus = max([int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]] or [0])
-    return {"num_gpus": gpus, "num_cpus": cfg.tune.retrain_cpus or max(1.0, cfg.tune.resources.cpu)}
+    if gpus < 0:
+        gpus = max([int(r.get("GPU", 0)) for r in nodes] or [0])
+    cpus = cfg.tune.retrain_cpus or max([r.get("CPU", 1.0) for r in nodes if r.get("GPU", 0) >= gpus] or [1.0])
+    return {"num_gpus": gpus, "num_cpus": cpus}
 
 
 def finish(cfg: SearchConfig, name: str, local_dir: Path, storage_path: str, results, splits,
@@ -147,12 +152,9 @@ def finish(cfg: SearchConfig, name: str, local_dir: Path, storage_path: str, res
 
 
 def retrain_only(experiment_dir: Path, address: str | None = None) -> dict:
-    from ray import tune
-
     from boneage.splits import load_splits
     from tuning.config import load_search_config
-    from tuning.search import SEARCH_CONFIG, experiment_paths, start_ray
-    from tuning.trainable import run_trial
+    from tuning.search import SEARCH_CONFIG, experiment_paths, make_tuner, start_ray
 
     experiment_dir = experiment_dir.expanduser().resolve()
     if not (experiment_dir / SEARCH_CONFIG).is_file():
@@ -160,9 +162,7 @@ def retrain_only(experiment_dir: Path, address: str | None = None) -> dict:
     cfg = load_search_config(experiment_dir / SEARCH_CONFIG)
     name = experiment_dir.name
     storage_path, _ = experiment_paths(cfg, name)
-    path = f"{storage_path.rstrip('/')}/{name}"
-    if not tune.Tuner.can_restore(path):
-        raise InputError(f"--retrain-only: no Ray Tune results at {path}")
+    splits = load_splits(cfg.data)
     start_ray(address)
-    results = tune.Tuner.restore(path, run_trial).get_results()
-    return finish(cfg, name, experiment_dir, storage_path, results, load_splits(cfg.data), time.time())
+    results = make_tuner(cfg, name, splits, resume=True).get_results()
+    return finish(cfg, name, experiment_dir, storage_path, results, splits, time.time())

@@ -26,8 +26,13 @@ from boneage.errors import EXIT_BAD_INPUT, InputError
 from tuning.config import SearchConfig, load_search_config
 
 METRIC, MODE = "val_mae", "min"
+EXIT_INTERRUPTED = 130
 STUDY_DB = "optuna.db"
 SEARCH_CONFIG = "search_config.yaml"
+
+
+class SearchInterrupted(Exception):
+    """Ray Tune stopped on Ctrl-C (or SIGINT) with trials unfinished; the state is saved."""
 
 
 def experiment_paths(cfg: SearchConfig, name: str) -> tuple[str, Path]:
@@ -70,17 +75,26 @@ def make_searcher(cfg: SearchConfig, space: dict, storage, study_name: str):
     from ray.tune.search.optuna import OptunaSearch
 
     class StudySearch(OptunaSearch):
-        """OptunaSearch that still records a trial whose study entry was closed meanwhile
-        (marked failed after a crash, then resumed from its checkpoint by Ray)."""
+        """OptunaSearch that copes with a trial whose study entry was closed meanwhile (marked
+        failed after a crash, then resumed from its checkpoint by Ray): its epochs are not
+        reported to the closed entry, and its final result is added as a new finished trial."""
+
+        def _closed(self, trial_id) -> bool:
+            ot_trial = self._ot_trials.get(trial_id)
+            return ot_trial is not None and self._ot_study._storage.get_trial(
+                ot_trial._trial_id).state.is_finished()
+
+        def on_trial_result(self, trial_id, result):
+            if not self._closed(trial_id):
+                super().on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id, result=None, error=False):
-            ot_trial = self._ot_trials.get(trial_id)
             value = (result or {}).get(self.metric)
-            finished = ot_trial is not None and self._ot_study._storage.get_trial(
-                ot_trial._trial_id).state.is_finished()
-            if finished and value is not None and not error:
-                self._ot_study.add_trial(optuna.trial.create_trial(
-                    params=ot_trial.params, distributions=ot_trial.distributions, value=value))
+            if self._closed(trial_id) and trial_id not in self._completed_trials:
+                if value is not None and not error:
+                    ot_trial = self._ot_trials[trial_id]
+                    self._ot_study.add_trial(optuna.trial.create_trial(
+                        params=ot_trial.params, distributions=ot_trial.distributions, value=value))
                 self._completed_trials.add(trial_id)
                 return
             super().on_trial_complete(trial_id, result=result, error=error)
@@ -126,6 +140,15 @@ def make_tuner(cfg: SearchConfig, name: str, splits, resume: bool):
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
 
 
+def unfinished_trials(results) -> int:
+    """Trials the saved experiment state still lists as running or pending: after Ctrl-C, Ray
+    saves them that way (to resume them) even though the in-memory ResultGrid says otherwise."""
+    from ray import tune
+
+    saved = tune.ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem)
+    return sum(trial.status not in ("TERMINATED", "ERROR") for trial in saved.trials)
+
+
 def default_name(args, cfg: SearchConfig) -> str:
     stem = Path(args.config).stem if args.config else "search"
     if not args.resume:
@@ -165,6 +188,9 @@ def search(cfg: SearchConfig, name: str, address: str | None = None, resume: boo
     started = time.time()
     start_ray(address)
     results = make_tuner(cfg, name, splits, resume).fit()
+    if unfinished_trials(results):
+        raise SearchInterrupted(f"search {name} was interrupted; its state is saved. Continue it with:\n"
+                                f"  python -m tuning.search --config CONFIG --resume --name {name}")
     return finish(cfg, name, local_dir, storage_path, results, splits, started)
 
 
@@ -193,6 +219,9 @@ def main(argv=None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except SearchInterrupted as err:
+        print(str(err))
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
