@@ -166,6 +166,8 @@ def start_ray(address: str | None) -> None:
 
     quiet = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
     os.environ.update(quiet)  # local workers inherit the driver's environment
+    # Checkpointing every epoch with num_to_keep=1 is deliberate; Tune warns about it each time.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(address=address, runtime_env={"env_vars": quiet}, log_to_driver=True,
              include_dashboard=False, configure_logging=False)
 
