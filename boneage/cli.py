@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from boneage import data
-    from boneage.config import load_config
+    from boneage.config import load_config, write_atomic
     from boneage.evaluate import evaluate, format_metrics
     from boneage.export import load_exported
     from boneage.model import target_scaling
@@ -73,7 +73,7 @@ def cmd_evaluate(args) -> int:
     metrics = evaluate(model, frame, target_scaling(model)[0], tta=args.tta, out_dir=out, name=args.split)
     print(format_metrics(metrics))
     if out:
-        (out / f"{args.split}_metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_atomic(out / f"{args.split}_metrics.json", json.dumps(metrics, indent=2))
     return 0
 
 

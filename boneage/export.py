@@ -97,7 +97,6 @@ def load_exported(path):
     """A .keras file, or an export folder holding one."""
     import keras
 
-    from boneage import train  # noqa: F401  registers the training loss for deserialisation
     from boneage.errors import InputError
 
     path = Path(path)

@@ -157,7 +157,8 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
                 set_frozen_blocks(model, frozen)
                 _compile(model, cfg, lr, age_std)
             model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=max(start, first),
-                      callbacks=phase_callbacks + list(callbacks), verbose=t.verbose)
+                      callbacks=phase_callbacks + list(callbacks), verbose=t.verbose,
+                      shuffle=False)  # the dataset shuffles itself
             start = last
             if model.stop_training:
                 break

@@ -386,3 +386,17 @@ def test_real_sample_data():
     assert len(test) == 20 and test["boneage"].notna().all() and "4533" in set(test["id"])
     parts = split_table(train, 0.2, 0.2, seed=0)
     assert [len(p) for p in parts] == [24, 8, 8]
+
+
+FULL_100PX = os.environ.get("BONEAGE_RSNA_100PX")
+
+
+@pytest.mark.skipif(not FULL_100PX, reason="set BONEAGE_RSNA_100PX to the rsna-100px folder")
+def test_all_real_training_images_in_the_nested_layout():
+    """All 12,611 challenge images, in Kaggle's nested folder, checked and split."""
+    frame = load_table(FULL_100PX, report=lambda message: None)
+    assert len(frame) == 12611 and frame["id"].is_unique
+    assert find_image_dir(FULL_100PX, "training").name == find_image_dir(FULL_100PX, "training").parent.name
+    train, val, test = split_table(frame, 0.15, 0.15, seed=0)
+    assert abs(train["male"].mean() - test["male"].mean()) < 0.01
+    assert abs(train["boneage"].mean() - val["boneage"].mean()) < 1.0
