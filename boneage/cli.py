@@ -43,7 +43,11 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or f"runs/{Path(args.config).stem if args.config else 'default'}")
+    from boneage import runtime
     from boneage.train import run
+
+    print(runtime.configure(cfg.train.intra_op_threads, cfg.train.inter_op_threads, None,
+                            cfg.train.mixed_precision).describe())
 
     results = run(cfg, out)
     if "test" in results:
@@ -145,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("evaluate", "export", "predict"):
+            from boneage import runtime
+
+            runtime.configure(mixed_precision=False)  # inference: memory growth, float32
         return args.func(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -54,10 +54,50 @@ def serving_function(model):
     return serve, signature
 
 
-def export_model(model, out_dir, card: dict) -> Path:
-    """Write out_dir/{model.keras, saved_model/, model_card.json} atomically; returns out_dir."""
+def mixed_layers(model) -> list[str]:
+    """Names of the layers that compute in a precision other than float32. (Input layers and
+    nested models compute nothing; they take whatever policy is global when a model is loaded.)"""
     import keras
 
+    return [layer.name for layer in model._flatten_layers(include_self=False)
+            if not isinstance(layer, (keras.layers.InputLayer, keras.Model))
+            and layer.dtype_policy.compute_dtype != "float32"]
+
+
+def float32_model(model):
+    """The same model computing in float32: a copy of a mixed-precision model, else itself.
+
+    A model trained under `mixed_float16` keeps that policy in every layer when saved, so
+    serving it on a CPU would run float16 arithmetic (slow there, and its predictions differ from
+    float32 ones by rounding). The weights are float32 either way, so the copy is exact.
+    """
+    import keras
+
+    if not mixed_layers(model):
+        return model
+
+    def as_float32(node):
+        if isinstance(node, dict):
+            if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {key: as_float32(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [as_float32(value) for value in node]
+        return node
+
+    config = as_float32(keras.saving.serialize_keras_object(model))
+    copy = keras.saving.deserialize_keras_object(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def export_model(model, out_dir, card: dict) -> Path:
+    """Write out_dir/{model.keras, saved_model/, model_card.json} atomically; returns out_dir.
+
+    The export always computes in float32 (see float32_model)."""
+    import keras
+
+    model = float32_model(model)
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"

@@ -71,7 +71,7 @@ def augment(image: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:
 
 def make_dataset(frame, image_size: int, batch_size: int, training: bool,
                  augment_strength: float = 0.0, include_sex: bool = True, seed: int = 0,
-                 cache: str = "memory", with_labels: bool = True) -> tf.data.Dataset:
+                 cache: str = "memory", with_labels: bool = True, threads: int = 0) -> tf.data.Dataset:
     """The whole input pipeline, in a fixed order that each step depends on:
 
     1. list files   : (path, male, age) rows, in the frame's order.
@@ -82,6 +82,9 @@ def make_dataset(frame, image_size: int, batch_size: int, training: bool,
     5. augment      : training only and strength > 0; after the shuffle so each epoch differs.
     6. batch        : validation and test sets are batched whole, never truncated.
     7. prefetch     : overlap the input pipeline with the training step.
+
+    `threads` > 0 gives the whole pipeline a private pool of that many threads, so a process
+    holding a share of a node's CPUs (a Ray trial) does not run tf.data on every core.
     """
     paths = frame["path"].astype(str).to_numpy()
     male = frame["male"].astype(np.float32).to_numpy()[:, None]
@@ -106,4 +109,9 @@ def make_dataset(frame, image_size: int, batch_size: int, training: bool,
         ds = ds.map(lambda x, m, y: (tf.cast(x, tf.float32), m, y))
     ds = ds.map(lambda x, m, y: (({"image": x, "male": m} if include_sex else {"image": x}), y))
     ds = ds.batch(batch_size, drop_remainder=False)
-    return ds.prefetch(AUTOTUNE)
+    ds = ds.prefetch(AUTOTUNE)
+    if threads:
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = threads
+        ds = ds.with_options(options)
+    return ds

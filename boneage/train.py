@@ -18,41 +18,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from boneage.config import Config
+from boneage import runtime
+from boneage.config import Config, TrainConfig
 from boneage.errors import InputError
 from boneage.model import build_model, set_frozen_blocks
 from boneage.pipeline import make_dataset
 from boneage.splits import Splits
-
-
-def configure_tensorflow(intra_op_threads: int = 0, inter_op_threads: int = 0,
-                         gpu_memory_limit_mb: int | None = None, mixed_precision: bool = True):
-    """Settings TensorFlow accepts only before it starts: call first thing in a process.
-
-    Returns the list of visible GPUs. Memory growth (or a hard per-process limit, for several
-    trials sharing one GPU) keeps one process from taking the whole card.
-    """
-    import tensorflow as tf
-
-    try:
-        if intra_op_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
-        if inter_op_threads:
-            tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
-    except RuntimeError:
-        pass  # TensorFlow already started in this process; keep its settings
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        try:
-            if gpu_memory_limit_mb:
-                tf.config.set_logical_device_configuration(
-                    gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=gpu_memory_limit_mb)])
-            else:
-                tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            pass
-    keras.mixed_precision.set_global_policy("mixed_float16" if gpus and mixed_precision else "float32")
-    return gpus
 
 
 @keras.saving.register_keras_serializable("boneage")
@@ -99,17 +70,62 @@ class Resume:
     history: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Phase:
+    first: int  # epochs already done when it starts
+    last: int  # epochs done when it ends
+    frozen_layers: int  # Xception blocks frozen (14 = only the head trains)
+    learning_rate: float
+
+
+def plan_phases(t: TrainConfig, frozen_layers: int) -> list[Phase]:
+    """The head alone for `head_epochs` (at `head_learning_rate`), then the model with
+    `frozen_layers` frozen. Fewer epochs than `head_epochs` cut the head phase short rather than
+    skip it: a retrain of a trial whose best epoch fell in its head phase repeats exactly that."""
+    head_end = min(t.head_epochs, t.epochs)
+    phases = [Phase(0, head_end, 14, t.head_learning_rate)] if head_end else []
+    if t.epochs > head_end:
+        phases.append(Phase(head_end, t.epochs, frozen_layers, t.learning_rate))
+    return phases
+
+
+def replica_learning_rate(learning_rate: float, replicas: int) -> float:
+    """The learning rate for `replicas` mirrored copies, each with the searched batch size.
+
+    The global batch is batch_size x replicas. For Adam and AdamW we scale the learning rate by
+    the square root of that factor (the square-root rule: Krizhevsky 2014; Malladi et al. 2022
+    derive it for adaptive optimizers), keeping the number of epochs: the linear rule of Goyal
+    et al. 2017 is for SGD and overshoots with Adam.
+    """
+    return learning_rate * math.sqrt(replicas)
+
+
 def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resume | None = None):
-    """Train, keep the best model, return (metrics, model). `out_dir` gets best.keras, history.csv."""
-    configure_tensorflow(cfg.train.intra_op_threads, cfg.train.inter_op_threads,
-                         mixed_precision=cfg.train.mixed_precision)
+    """Train, keep the best model, return (metrics, model). `out_dir` gets best.keras, history.csv.
+
+    TensorFlow is used as the caller configured it (`boneage.runtime.configure`); a caller who
+    did not gets the defaults. With several GPUs (or several logical CPUs) in the process the
+    model is mirrored across them: each replica gets the searched `batch_size`, so the global
+    batch is batch_size x replicas and the learning rate follows `replica_learning_rate`.
+    BatchNorm is not synchronised across replicas: each normalises over the searched batch size,
+    as every trial of the search did (syncing would make the statistics cover the global batch,
+    a different recipe, at the cost of an all-reduce per BatchNorm layer per step).
+    """
+    runtime.ensure_configured(cfg.train.intra_op_threads, cfg.train.inter_op_threads, cfg.train.mixed_precision)
     keras.utils.set_random_seed(cfg.train.seed)
     t, m = cfg.train, cfg.model
     if len(splits.train) == 0:
         raise InputError("the training split is empty")
+    import tensorflow as tf
+
+    devices = runtime.replica_devices()
+    strategy = tf.distribute.MirroredStrategy(devices) if devices else tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    batch_size = t.batch_size * replicas
     age_mean = float(splits.train["boneage"].mean())
     age_std = float(max(splits.train["boneage"].std(ddof=0), 1.0))
-    common = dict(image_size=m.image_size, batch_size=t.batch_size, include_sex=m.use_sex, cache=cfg.data.cache)
+    common = dict(image_size=m.image_size, batch_size=batch_size, include_sex=m.use_sex, cache=cfg.data.cache,
+                  threads=t.intra_op_threads)
     train_ds = make_dataset(splits.train, training=True, augment_strength=t.augment_strength, seed=t.seed, **common)
     has_val = len(splits.val) > 0
     val_ds = make_dataset(splits.val, training=False, **common) if has_val else None
@@ -117,8 +133,7 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    # Several GPUs in this process (a retrain on a whole node): mirror the model across them.
-    with _distribution_strategy().scope():
+    with strategy.scope():
         if resume:
             model = keras.models.load_model(resume.model_path)
         else:
@@ -130,7 +145,7 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
             except (ValueError, OSError) as err:
                 raise InputError(f"config key model.weights: could not load {m.weights}: {err}") from None
 
-        steps_per_epoch = math.ceil(len(splits.train) / t.batch_size)
+        steps_per_epoch = math.ceil(len(splits.train) / batch_size)
         tracker = _BestTracker(resume)
         history: dict[str, list] = {k: list(v) for k, v in (resume.history if resume else {}).items()}
         own = [tracker, keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: _append(history, e, logs))]
@@ -140,26 +155,25 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
             own.append(keras.callbacks.EarlyStopping("val_mae", patience=t.early_stopping_patience))
 
         start, started = (resume.epoch if resume else 0), time.time()
-        phases = []  # (first epoch, last epoch, frozen blocks, learning rate)
-        if t.head_epochs and t.head_epochs < t.epochs:
-            phases.append((0, t.head_epochs, 14, t.head_learning_rate))
-        phases.append((phases[-1][1] if phases else 0, t.epochs, m.frozen_layers, t.learning_rate))
-        for first, last, frozen, lr in phases:
-            if start >= last:
+        phases = [{**asdict(p), "replica_learning_rate": replica_learning_rate(p.learning_rate, replicas)}
+                  for p in plan_phases(t, m.frozen_layers)]
+        for phase in plan_phases(t, m.frozen_layers):
+            if start >= phase.last:
                 continue
+            lr = replica_learning_rate(phase.learning_rate, replicas)
             phase_callbacks = list(own)
             if t.schedule == "cosine":
-                lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps_per_epoch * (last - first))
+                lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps_per_epoch * (phase.last - phase.first))
             elif t.schedule == "plateau" and has_val:
                 phase_callbacks.append(keras.callbacks.ReduceLROnPlateau(
                     "val_mae", factor=t.plateau_factor, patience=t.plateau_patience, min_lr=lr * 1e-3))
-            if not (resume and start > first):  # a resumed phase keeps its optimizer state
-                set_frozen_blocks(model, frozen)
+            if not (resume and start > phase.first):  # a resumed phase keeps its optimizer state
+                set_frozen_blocks(model, phase.frozen_layers)
                 _compile(model, cfg, lr, age_std)
-            model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=max(start, first),
+            model.fit(train_ds, validation_data=val_ds, epochs=phase.last, initial_epoch=max(start, phase.first),
                       callbacks=phase_callbacks + list(callbacks), verbose=t.verbose,
                       shuffle=False)  # the dataset shuffles itself
-            start = last
+            start = phase.last
             if model.stop_training:
                 break
 
@@ -175,16 +189,11 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
         "train_seconds": round(time.time() - started, 1),
         "age_mean": age_mean, "age_std": age_std,
         "n_train": len(splits.train), "n_val": len(splits.val),
+        "replicas": replicas, "global_batch_size": batch_size,
+        "phases": phases,
         "history": history,
     }
     return metrics, model
-
-
-def _distribution_strategy():
-    import tensorflow as tf
-
-    gpus = tf.config.list_logical_devices("GPU")
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
 
 def _append(history: dict, epoch: int, logs: dict) -> None:

@@ -76,6 +76,14 @@ def test_pipeline_matches_eager_decode_and_keeps_every_row(tmp_path):
     np.testing.assert_array_equal(males, frame["male"].to_numpy(np.float32))
 
 
+def test_threads_bound_the_pipeline_to_a_private_pool(tmp_path):
+    frame = frame_of(tmp_path, 3)
+    bounded = make_dataset(frame, 72, 3, training=True, augment_strength=0.5, threads=2)
+    assert bounded.options().threading.private_threadpool_size == 2
+    assert make_dataset(frame, 72, 3, training=False).options().threading.private_threadpool_size is None
+    assert sum(len(y) for _, y in bounded) == 3
+
+
 def test_without_sex_input_the_features_hold_only_the_image(tmp_path):
     x, _ = next(iter(make_dataset(frame_of(tmp_path, 3), 72, 3, training=False, include_sex=False)))
     assert set(x) == {"image"}

@@ -25,7 +25,7 @@ class TuneConfig:
     storage_path: str = "experiments"  # local folder, shared file system, or s3://bucket/path
     optuna_storage: Optional[str] = None  # Optuna storage URL; None = SQLite in the experiment folder
     num_samples: int = field(default=8, metadata=_range(1))
-    max_concurrent_trials: int = field(default=2, metadata=_range(1))
+    max_concurrent_trials: int = field(default=2, metadata=_range(0))  # 0 = as many as the resources fit
     n_startup_trials: int = field(default=3, metadata=_range(0))  # random trials before TPE
     seed: int = 0
     grace_period: int = field(default=1, metadata=_range(1))  # epochs before ASHA may stop a trial
@@ -40,6 +40,8 @@ class TuneConfig:
     retrain: bool = True  # retrain the best config on train + val, test and export it
     retrain_gpus: int = field(default=-1, metadata=_range(-1))  # -1 = all GPUs of one node
     retrain_cpus: float = field(default=0.0, metadata=_range(0.0))  # 0 = every CPU of its node
+    retrain_wait_s: float = field(default=900.0, metadata=_range(0.0))  # for a node with the retrain's GPUs
+    require_gpu: bool = True  # a trial given a GPU by Ray fails if TensorFlow sees none
 
 
 @dataclass

@@ -65,49 +65,67 @@ def best_config(cfg: SearchConfig, trials: pd.DataFrame) -> tuple[SearchConfig, 
 
 
 def retrain_best(cfg_dict: dict, splits, local_dir: str) -> dict:
-    """Runs inside a Ray task: train on train + val, test, export. Returns the results."""
+    """Runs inside a Ray task: set TensorFlow up for the task's resources, then retrain_and_export."""
     import ray
 
+    from tuning.trainable import setup_process
+
+    cfg = from_dict(SearchConfig, cfg_dict)
+    context = ray.get_runtime_context()
+    assigned = context.get_assigned_resources()
+    gpu_ids = context.get_accelerator_ids().get("GPU", [])
+    setup = setup_process(cfg, max(1, int(assigned.get("CPU", 1))), float(assigned.get("GPU", 0.0)), gpu_ids,
+                          what="retrain")
+    results = retrain_and_export(cfg, splits, Path(local_dir))
+    return {**results, "node": socket.gethostname(), "gpus": len(gpu_ids), "tensorflow_gpus": setup.gpus}
+
+
+def retrain_and_export(cfg: SearchConfig, splits, local_dir: Path) -> dict:
+    """Train on train + val (mirrored over every GPU of the process), test, export to
+    local_dir/model; history and test predictions in local_dir/final."""
     from boneage.evaluate import evaluate
     from boneage.export import export_model
     from boneage.splits import Splits
-    from boneage.train import configure_tensorflow, train
+    from boneage.train import train
 
-    cfg = from_dict(SearchConfig, cfg_dict)
-    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    gpus = configure_tensorflow(cpus, min(2, cpus), mixed_precision=cfg.train.mixed_precision)
     combined = Splits(pd.concat([splits.train, splits.val], ignore_index=True), splits.val.iloc[:0],
                       splits.test, splits.fingerprint, splits.root)
-    final_dir = Path(local_dir) / "final"
+    final_dir = local_dir / "final"
     started = time.time()
     metrics, model = train(cfg, combined, out_dir=final_dir)
     test = evaluate(model, splits.test, metrics["age_mean"], cfg.train.batch_size, cfg.train.tta,
                     final_dir, "test") if len(splits.test) else None
-    export_model(model, Path(local_dir) / "model", {
-        "config": cfg_dict, "data_fingerprint": splits.fingerprint, "split_sizes": splits.sizes(),
-        "trained_on": "train + val", "metrics": {"test": test}})
-    return {"test_metrics": test, "epochs": metrics["epochs_run"], "node": socket.gethostname(),
-            "gpus": len(gpus), "seconds": time.time() - started}
+    export_model(model, local_dir / "model", {
+        "config": dataclasses.asdict(cfg), "data_fingerprint": splits.fingerprint, "split_sizes": splits.sizes(),
+        "trained_on": "train + val", "metrics": {"test": test},
+        "training": {k: metrics[k] for k in ("replicas", "global_batch_size", "phases", "epochs_run")}})
+    return {"test_metrics": test, "epochs": metrics["epochs_run"], "replicas": metrics["replicas"],
+            "global_batch_size": metrics["global_batch_size"], "phases": metrics["phases"],
+            "seconds": time.time() - started}
 
 
-def _retrain_resources(cfg: SearchConfig) -> dict:
-    """GPUs: `tune.retrain_gpus`, -1 = every GPU of the biggest GPU node (0 on a CPU cluster).
-    CPUs: `tune.retrain_cpus`, 0 = every CPU of a node that has those GPUs, since the retrain
-    is the only work left and its input pipeline and TensorFlow threads use them all."""
+def run_retrain(tuned: SearchConfig, splits, local_dir: Path) -> dict:
+    """The retrain as a Ray task on one node holding its GPUs (waiting for such a node if an
+    autoscaler must start one first)."""
     import ray
+    from ray.util.placement_group import remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    gpus = cfg.tune.retrain_gpus
-    if gpus < 0:
-        gpus = max([int(r.get("GPU", 0)) for r in nodes] or [0])
-    cpus = cfg.tune.retrain_cpus or max([r.get("CPU", 1.0) for r in nodes if r.get("GPU", 0) >= gpus] or [1.0])
-    return {"num_gpus": gpus, "num_cpus": cpus}
+    from tuning import cluster
+
+    shapes = cluster.node_shapes()
+    gpus, cpus = cluster.retrain_resources(tuned, shapes)
+    group = cluster.reserve(gpus, cpus, tuned.tune.retrain_wait_s, shapes)
+    try:
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(retrain_best).options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0))
+        return ray.get(task.remote(dataclasses.asdict(tuned), splits, str(local_dir)))
+    finally:
+        remove_placement_group(group)
 
 
 def finish(cfg: SearchConfig, name: str, local_dir: Path, storage_path: str, results, splits,
            started: float) -> dict:
-    import ray
-
     from tuning.report import format_summary, write_report, write_trials_csv
     from tuning.search import STUDY_DB, study_storage
 
@@ -119,11 +137,11 @@ def finish(cfg: SearchConfig, name: str, local_dir: Path, storage_path: str, res
     gpu_seconds = float(trials["time_s"].sum()) * cfg.tune.resources.gpu
     retrained = None
     if cfg.tune.retrain:
-        resources = _retrain_resources(tuned)
         print(f"retraining the best config ({best['trial_id']}, val MAE {best['best_val_mae']:.2f}) "
-              f"for {tuned.train.epochs} epochs on train + val with {resources['num_gpus']} GPU(s) ...")
-        task = ray.remote(**resources)(retrain_best)
-        retrained = ray.get(task.remote(dataclasses.asdict(tuned), splits, str(local_dir)))
+              f"for {tuned.train.epochs} epochs on train + val ...")
+        retrained = run_retrain(tuned, splits, local_dir)
+        print(f"retrained on {retrained['node']} with {retrained['gpus']} GPU(s), {retrained['replicas']} "
+              f"replica(s), global batch {retrained['global_batch_size']}")
         write_atomic(local_dir / "test_metrics.json", json.dumps(retrained["test_metrics"], indent=2))
         gpu_seconds += retrained["seconds"] * retrained["gpus"]
     import optuna
@@ -136,6 +154,7 @@ def finish(cfg: SearchConfig, name: str, local_dir: Path, storage_path: str, res
                  "epochs": int(best["epochs"])},
         "test_metrics": retrained and retrained["test_metrics"],
         "retrain_epochs": retrained and retrained["epochs"],
+        "retrain": retrained and {k: v for k, v in retrained.items() if k != "test_metrics"},
         "predictions_csv": str(local_dir / "final" / "test_predictions.csv") if retrained else None,
         "wall_time_s": time.time() - started, "search_time_s": search_seconds,
         "gpu_hours": gpu_seconds / 3600.0,

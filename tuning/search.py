@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from boneage.errors import EXIT_BAD_INPUT, InputError
+from tuning import cluster
 from tuning.config import SearchConfig, load_search_config
 
 METRIC, MODE = "val_mae", "min"
@@ -132,7 +133,7 @@ def make_tuner(cfg: SearchConfig, name: str, splits, resume: bool):
         trainable,
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-            num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials or None,
             time_budget_s=cfg.tune.time_budget_s or None, reuse_actors=False),
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, stop=stoppers,
@@ -189,6 +190,7 @@ def search(cfg: SearchConfig, name: str, address: str | None = None, resume: boo
     print(f"data: {splits.sizes()} images from {splits.root}")
     started = time.time()
     start_ray(address)
+    cluster.check_fits(cfg, cluster.node_shapes())
     results = make_tuner(cfg, name, splits, resume).fit()
     if unfinished_trials(results):
         raise SearchInterrupted(f"search {name} was interrupted; its state is saved. Continue it with:\n"
@@ -224,6 +226,9 @@ def main(argv=None) -> int:
     except SearchInterrupted as err:
         print(str(err))
         return EXIT_INTERRUPTED
+    except cluster.ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return cluster.EXIT_CLUSTER
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ Keras callback reports the validation MAE in months (ASHA's signal) with `ray.tu
 every `tune.checkpoint_every` epochs a checkpoint (the full .keras model with its optimizer
 state, plus the trial's best-so-far); a retried or resumed trial continues from it.
 
-TensorFlow is set up before it first touches a device: its thread pools sized from the trial's
-Ray CPU share, and its GPU either in memory-growth mode or, for a fractional GPU
-(`resources.gpu: 0.5`), capped at that fraction of the card's memory so the trials sharing it
-all fit. Those settings are fixed once TensorFlow has started, which is why every trial gets a
-fresh worker process (`reuse_actors=False`).
+TensorFlow is set up once, by `setup_process`, before it first touches a device: its thread
+pools (and tf.data's) sized from the trial's Ray CPU share, and its GPU either in memory-growth
+mode or, for a fractional GPU (`resources.gpu: 0.5`), capped at that fraction of the card's
+memory so the trials sharing it all fit (`boneage.runtime.configure_share`). Those settings are
+fixed once TensorFlow has started, which is why every trial gets a fresh worker process
+(`reuse_actors=False`). The trial's log says what it got.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import math
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -34,20 +34,27 @@ def _assigned(resource: str) -> float:
     return float(ray.get_runtime_context().get_assigned_resources().get(resource, 0.0))
 
 
-def gpu_memory_limit_mb(gpu_share: float) -> int | None:
-    """For a fractional GPU, that fraction of the card's memory (less 5% headroom), else None."""
-    if not 0 < gpu_share < 1:
-        return None
-    try:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits",
-                              "-i", visible], capture_output=True, text=True, timeout=20, check=True)
-        return int(float(out.stdout.strip().splitlines()[0]) * gpu_share * 0.95)
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None  # no nvidia-smi: fall back to memory growth
+def setup_process(cfg, cpus: int, gpu_share: float, gpu_ids, what: str = "trial"):
+    """Configure TensorFlow for a Ray trial or task holding `cpus` CPUs and `gpu_share` GPUs.
+
+    Refuses to go on without a GPU TensorFlow can use when Ray gave it one and
+    `tune.require_gpu` is on: a CPU-only TensorFlow on a GPU node would otherwise run the whole
+    search on CPU unnoticed.
+    """
+    from boneage import runtime
+
+    setup = runtime.configure_share(cpus, gpu_share, cfg.train.mixed_precision)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")
+    print(f"{what} resources: {cpus} CPU(s), GPU share {gpu_share:g} of GPU(s) {','.join(map(str, gpu_ids)) or '-'} "
+          f"(CUDA_VISIBLE_DEVICES={visible}); {setup.describe()}", flush=True)
+    if gpu_share > 0 and not setup.gpus and cfg.tune.require_gpu:
+        raise RuntimeError(f"Ray gave this {what} GPU(s) {gpu_ids} but TensorFlow sees no GPU (CUDA_VISIBLE_DEVICES="
+                           f"{visible}): install the GPU build (pip install 'boneage-tune[gpu]') on every GPU node, "
+                           f"or set tune.require_gpu: false to train on CPU anyway")
+    return setup
 
 
-def _make_reporter(every: int, resume):
+def _make_reporter(every: int, resume, extra: dict):
     import keras
 
     class ReportToTune(keras.callbacks.Callback):
@@ -70,7 +77,7 @@ def _make_reporter(every: int, resume):
                 self.best, self.best_epoch = val_mae, epoch + 1
             metrics = {"val_mae": val_mae, "train_mae": logs.get("mae"), "loss": logs.get("loss"),
                        "epoch": epoch + 1, "best_val_mae": self.best, "best_epoch": self.best_epoch,
-                       "learning_rate": logs.get("learning_rate"), "node": socket.gethostname()}
+                       "learning_rate": logs.get("learning_rate"), "node": socket.gethostname(), **extra}
             if (epoch + 1) % every:
                 tune.report(metrics)
                 return
@@ -86,18 +93,22 @@ def _make_reporter(every: int, resume):
 
 def run_trial(params: dict, base: dict, splits) -> None:
     """Train the base config with this trial's `params`; Ray calls it in the worker process."""
+    import ray
+
     from boneage.config import from_dict
     from tuning.config import SearchConfig
     from tuning.space import apply_params
 
     cpus = max(1, int(_assigned("CPU")))
+    gpu_share = _assigned("GPU")
+    gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
     cfg = apply_params(from_dict(SearchConfig, base), params)
     cfg.train.intra_op_threads, cfg.train.inter_op_threads = cpus, min(2, cpus)
     cfg.train.verbose = 0  # Ray's trial table is the progress display
+    setup = setup_process(cfg, cpus, gpu_share, gpu_ids)
 
-    from boneage.train import Resume, configure_tensorflow, train
+    from boneage.train import Resume, train
 
-    configure_tensorflow(cpus, min(2, cpus), gpu_memory_limit_mb(_assigned("GPU")), cfg.train.mixed_precision)
     resume, local = None, None
     checkpoint = tune.get_checkpoint()
     if checkpoint:
@@ -107,8 +118,10 @@ def run_trial(params: dict, base: dict, splits) -> None:
         state = json.loads((local / CHECKPOINT_STATE).read_text())
         resume = Resume(str(local / CHECKPOINT_MODEL), state["epoch"], state["best_val_mae"],
                         state["best_epoch"], state["history"])
+    extra = {"gpu_share": gpu_share, "gpu_ids": ",".join(map(str, gpu_ids)),
+             "gpu_memory_cap_mib": setup.memory_limit_mb or 0, "tensorflow_gpus": setup.gpus}
     try:
-        train(cfg, splits, callbacks=[_make_reporter(cfg.tune.checkpoint_every, resume)], resume=resume)
+        train(cfg, splits, callbacks=[_make_reporter(cfg.tune.checkpoint_every, resume, extra)], resume=resume)
     finally:
         if local:
             shutil.rmtree(local, ignore_errors=True)
