@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,7 +46,14 @@ def cmd_train(args) -> int:
     out = Path(args.out or f"runs/{Path(args.config).stem if args.config else 'default'}")
     from boneage.train import run
 
-    results = run(cfg, out)
+    fresh = not out.exists()
+    try:
+        results = run(cfg, out)
+    except InputError:
+        # refused data: take back the run folder if this command made it and wrote only its config
+        if fresh and out.is_dir() and {p.name for p in out.iterdir()} <= {"config.yaml"}:
+            shutil.rmtree(out)
+        raise
     if "test" in results:
         print(f"test MAE {results['test']['mae']:.2f} months "
               f"(mean predictor {results['test']['mean_predictor_mae']:.2f}); outputs in {out.resolve()}")
@@ -139,11 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="with --csv: labels CSV (id,boneage,male) to report MAE against")
     p.add_argument("--out", help="with --csv: predictions CSV to write (default stdout)")
     p.set_defaults(func=cmd_predict)
+    for sub_parser in sub.choices.values():  # so main() can report a stray flag with its command
+        sub_parser.set_defaults(parser=sub_parser)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse would blame the top-level parser, with a usage line that does not help
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)} "
+                          f"(see {args.parser.prog} --help)")
     try:
         return args.func(args)
     except InputError as err:
