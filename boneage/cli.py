@@ -48,7 +48,6 @@ def cmd_train(args) -> int:
 
     print(runtime.configure(cfg.train.intra_op_threads, cfg.train.inter_op_threads, None,
                             cfg.train.mixed_precision).describe())
-
     results = run(cfg, out)
     if "test" in results:
         print(f"test MAE {results['test']['mae']:.2f} months "
@@ -143,16 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="with --csv: labels CSV (id,boneage,male) to report MAE against")
     p.add_argument("--out", help="with --csv: predictions CSV to write (default stdout)")
     p.set_defaults(func=cmd_predict)
+    for sub_parser in sub.choices.values():  # so main() can report a stray flag with its command
+        sub_parser.set_defaults(parser=sub_parser)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse would blame the top-level parser, with a usage line that does not help
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)} "
+                          f"(see {args.parser.prog} --help)")
     try:
-        if args.command in ("evaluate", "export", "predict"):
-            from boneage import runtime
-
-            runtime.configure(mixed_precision=False)  # inference: memory growth, float32
         return args.func(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -12,6 +12,7 @@ through `load_config(..., config_class=...)`; this module knows nothing about it
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import types
@@ -136,6 +137,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         value = as_number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"config key {key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every range check, so refuse it here
+            raise InputError(f"config key {key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -171,10 +174,13 @@ def from_dict(cls, raw: Any, where: str = ""):
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
-    for part in parents:
-        node = node.setdefault(part, {})
+    for depth, part in enumerate(parents):
+        if node.get(part) is None:  # absent, or a heading the YAML left empty (`train:`)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise InputError(f"override {dotted}: {part} is not a section")
+            prefix = ".".join(parents[:depth + 1])
+            raise InputError(f"override {dotted}: {prefix} is a value ({node!r}), not a section")
     node[leaf] = value
 
 

@@ -10,7 +10,7 @@ radiographs, the folder either flat or nested one level deeper (as in Kaggle's a
     <root>/boneage-test-labels.csv         id,boneage,male   (optional labels for the test set)
 
 `load_table` checks every row and image before any training (columns, ages in 0..240 months,
-sexes, duplicate ids, test ids vs labels, missing/empty/truncated/non-PNG/tiny images) and returns
+sexes, duplicate ids, test ids vs labels, missing/empty/truncated/non-PNG/tiny/huge images) and returns
 the IMAGE_COLUMNS frame every other module uses. All problems come back in ONE InputError naming the
 CSV, its rows (line numbers as an editor shows them, header = line 1) and files; with
 drop_invalid=True the bad rows are dropped and one report line says how many and why.
@@ -20,13 +20,16 @@ drop_invalid=True the bad rows are dropped and one report line says how many and
 (splitting, saving splits and fingerprints are in `boneage.splits`).
 
 `load_test_csv` does the same for a `Case ID,Sex` CSV and image folder anywhere (predict), and
-`check_image_file` checks one loose image.
+`check_image_file` checks one loose image. An image declaring more than MAX_IMAGE_PIXELS pixels
+is refused from its PNG header, before anything decodes it (a few bytes can declare gigapixels).
 """
 
 import csv
 import math
 import os
 import re
+import struct
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -40,6 +43,7 @@ from boneage.errors import InputError, summarize
 IMAGE_COLUMNS = ("id", "path", "boneage", "male")
 MAX_AGE_MONTHS = 240
 MIN_IMAGE_SIDE = 8
+MAX_IMAGE_PIXELS = 50_000_000  # 15x the largest RSNA radiograph (about 2500x3300); PIL's own limit is 89M
 PROGRESS_OVER = 2000  # report progress (every 25%) when checking more images than this
 _MALE = {"true": True, "1": True, "false": False, "0": False}
 _SEX = {"m": True, "f": False}
@@ -51,7 +55,12 @@ EMPTY_IMAGE = "empty image file (0 bytes)"
 UNREADABLE_IMAGE = "unreadable image (truncated or not an image)"
 NOT_PNG = "not a PNG image"
 SMALL_IMAGE = f"image smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}"
-_FILE_REASONS = {MISSING_IMAGE, EMPTY_IMAGE, UNREADABLE_IMAGE, NOT_PNG, SMALL_IMAGE}
+LARGE_IMAGE = f"image larger than {MAX_IMAGE_PIXELS:,} pixels"
+_FILE_REASONS = {MISSING_IMAGE, EMPTY_IMAGE, UNREADABLE_IMAGE, NOT_PNG, SMALL_IMAGE, LARGE_IMAGE}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# What PIL raises for a broken file (UnidentifiedImageError is an OSError). Anything else is a
+# fault of this program or its libraries and must show its traceback, not pass as bad input.
+_BROKEN_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 
 def find_image_dir(root, part: str) -> Path:
@@ -121,8 +130,10 @@ def _read_csv(path, columns) -> list:
             missing = [c for c in columns if c.lower() not in index]
             if missing:
                 found = summarize(repr(h.strip()) for h in header)
+                other = [d for d in ";\t|" if len(header) == 1 and d in header[0]]
+                hint = f"; the file seems to be separated by {other[0]!r}, expected commas" if other else ""
                 raise InputError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
-                                 f"{summarize(map(repr, missing))} (found {found})")
+                                 f"{summarize(map(repr, missing))} (found {found}){hint}")
             where = {c: index[c.lower()] for c in columns}
             rows = []
             for cells in reader:
@@ -208,6 +219,15 @@ def _test_records(csv_path, labels_csv, problems) -> list:
     return records
 
 
+def png_size(path: str):
+    """(width, height) from a PNG's header (its first 24 bytes), or None if it is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">II", head[16:24])
+
+
 def _check_image(path: str, full: bool = True):
     """(reason, note) for a bad image file, or None. `full` opens it; else only stats it."""
     try:
@@ -221,11 +241,18 @@ def _check_image(path: str, full: bool = True):
     if not full:
         return None  # only existence and size: a cache says the contents were checked
     try:
+        declared = png_size(path)  # before PIL or TensorFlow reads more than the header
+        if declared and declared[0] * declared[1] > MAX_IMAGE_PIXELS:
+            return LARGE_IMAGE, f"({declared[0]}x{declared[1]})"
         with Image.open(path) as im:
             fmt, (width, height) = im.format, im.size
             im.verify()  # walks the PNG chunks and their CRCs without decoding pixels
-    except Exception as e:  # PIL raises many types for broken files
+    except Image.DecompressionBombError as e:  # another format declaring a huge image
+        return LARGE_IMAGE, f"({e})"
+    except _BROKEN_IMAGE_ERRORS as e:
         return UNREADABLE_IMAGE, f"({type(e).__name__}: {e})"
+    if width * height > MAX_IMAGE_PIXELS:
+        return LARGE_IMAGE, f"({width}x{height})"
     if fmt != "PNG":
         return NOT_PNG, f"({fmt})"
     if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:

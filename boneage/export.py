@@ -134,8 +134,11 @@ def export_model(model, out_dir, card: dict) -> Path:
 
 
 def load_exported(path):
-    """A .keras file, or an export folder holding one."""
-    import keras
+    """A .keras file, or an export folder holding one. Keras' safe_mode stays on: a model whose
+    config carries Python code (a Lambda layer) is refused as bad input. A file that is a .keras
+    archive but still fails to load (e.g. saved by a newer Keras) is not the user's input error:
+    its exception and traceback go through unchanged."""
+    import zipfile
 
     from boneage.errors import InputError
 
@@ -143,7 +146,27 @@ def load_exported(path):
     model_file = path / MODEL_FILE if path.is_dir() else path
     if not model_file.is_file():
         raise InputError(f"no model at {path} (expected a .keras file or an export folder with {MODEL_FILE})")
+    if not zipfile.is_zipfile(model_file):
+        raise InputError(f"could not load model {model_file}: not a .keras file (not a zip archive; truncated?)")
     try:
-        return keras.models.load_model(model_file, compile=False)
-    except Exception as err:  # Keras raises many types for a bad file
-        raise InputError(f"could not load model {model_file}: {err}") from None
+        with zipfile.ZipFile(model_file) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile as err:
+        raise InputError(f"could not load model {model_file}: a damaged .keras file ({err})") from None
+    if "config.json" not in names:
+        raise InputError(f"could not load model {model_file}: not a .keras file (no config.json inside)")
+    import keras
+
+    from boneage import runtime
+
+    runtime.ensure_configured(mixed_precision=False)  # inference in a process nobody set up: float32
+
+    try:
+        return keras.models.load_model(model_file, compile=False, safe_mode=True)
+    except ValueError as err:
+        if "safe_mode" not in str(err):
+            raise
+        refused = str(err).split(". ")[0]  # Keras goes on to suggest safe_mode=False: not for a CLI user
+        raise InputError(f"refused to load model {model_file}: it holds Python code that Keras' safe mode "
+                         f"does not run ({refused}). Models exported by this project never do; "
+                         f"load only models from sources you trust.") from None

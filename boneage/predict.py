@@ -20,15 +20,21 @@ import pandas as pd
 from boneage.errors import InputError
 
 
-def predict_files(model, paths, male: bool) -> np.ndarray:
-    """Months for each image file; a file that is not a readable PNG is an InputError naming it."""
+def check_files(paths) -> None:
+    """InputError naming every file that is not a usable PNG (missing, broken, too small or large)."""
     from boneage import data
-    from boneage.evaluate import predict_table
 
     bad = [(p, data.check_image_file(str(p))) for p in paths]
     bad = [f"{p}: {reason}" for p, reason in bad if reason]
     if bad:
         raise InputError("cannot read image(s):\n  " + "\n  ".join(bad))
+
+
+def predict_files(model, paths, male: bool) -> np.ndarray:
+    """Months for each image file; a file that is not a readable PNG is an InputError naming it."""
+    from boneage.evaluate import predict_table
+
+    check_files(paths)
     frame = pd.DataFrame({"id": [Path(p).stem for p in paths], "path": [str(Path(p).resolve()) for p in paths],
                           "boneage": np.nan, "male": male})
     return predict_table(model, frame)
@@ -51,6 +57,15 @@ def main(args) -> int:
         raise InputError("give either image files or --csv (with --images), not both or neither")
     if args.image and args.sex is None:
         raise InputError("--sex M or --sex F is required with image files")
+    if args.images_csv and not args.images:
+        raise InputError("--csv needs --images, the folder holding {Case ID}.png")
+    from boneage import data
+
+    if args.image:
+        check_files(args.image)  # bad input is refused before the slow model load
+    else:
+        frame = data.load_test_csv(args.images_csv, args.images, labels_csv=args.labels,
+                                   report=lambda message: print(message, file=sys.stderr))
     model = load_exported(args.model)
     if args.image:
         months = predict_files(model, args.image, male=args.sex.upper() == "M")
@@ -59,12 +74,8 @@ def main(args) -> int:
         print(format_rows(rows, args.format))
         return 0
 
-    from boneage import data
     from boneage.evaluate import error_metrics, format_metrics, predict_table
 
-    if not args.images:
-        raise InputError("--csv needs --images, the folder holding {Case ID}.png")
-    frame = data.load_test_csv(args.images_csv, args.images, labels_csv=args.labels)
     months = predict_table(model, frame)
     out = pd.DataFrame({"Case ID": frame["id"], "Sex": np.where(frame["male"], "M", "F"),
                         "boneage": np.round(months, 2)})

@@ -5,7 +5,8 @@
 
 For `source: phantom` the dataset is generated at `data.root` on first use (see
 `boneage.phantom`), so a fresh machine with no network runs the demo. `max_images` takes a
-seeded subsample before splitting, for quick runs.
+seeded subsample before splitting, for quick runs. When the data is too small for 5 age bins x
+sex, the split uses fewer bins, sex only, or no strata, and says so through `report`.
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def load_splits(cfg: DataConfig, report=print) -> Splits:
                             check_images=cfg.check_images, report=report)
     if cfg.max_images and cfg.max_images < len(table):
         table = table.sample(n=cfg.max_images, random_state=cfg.split_seed).reset_index(drop=True)
-    train, val, test = split_table(table, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    train, val, test = split_table(table, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
+                                   report=report)
     return Splits(train, val, test, fingerprint(table), str(root))
 
 
@@ -90,9 +92,10 @@ def _progress_printer(report, what: str):
     return progress
 
 
-def _strata(frame, bins: int) -> list:
-    """A stratum label per row: age quantile bin x sex, strata with < 2 rows merged into a
-    neighbour (same sex and nearest age bin first) so that stratified splitting can work."""
+def _strata(frame, bins: int) -> tuple[list, int]:
+    """(a stratum label per row, how many strata were merged): age quantile bin x sex, strata
+    with < 2 rows merged into a neighbour (same sex and nearest age bin first) so that
+    stratified splitting can work."""
     age = frame["boneage"].to_numpy(dtype=float)
     labelled = ~np.isnan(age)
     age_bin = np.full(len(age), -1)  # unlabelled rows get their own bin
@@ -101,7 +104,7 @@ def _strata(frame, bins: int) -> list:
         ranks = pd.Series(age[labelled]).rank(method="first").to_numpy()
         age_bin[labelled] = ((ranks - 1) * min(bins, n) // n).astype(int)
     keys = list(zip(age_bin.tolist(), frame["male"].astype(bool).tolist()))
-    counts = Counter(keys)
+    counts, merged = Counter(keys), 0
     while len(counts) > 1:
         small = min(counts, key=lambda k: (counts[k], k))
         if counts[small] >= 2:
@@ -109,32 +112,45 @@ def _strata(frame, bins: int) -> list:
         target = min((k for k in counts if k != small),
                      key=lambda k: (k[1] != small[1], abs(k[0] - small[0]), k))
         keys = [target if k == small else k for k in keys]
-        counts = Counter(keys)
-    return [f"{b}{'m' if m else 'f'}" for b, m in keys]
+        counts, merged = Counter(keys), merged + 1
+    return [f"{b}{'m' if m else 'f'}" for b, m in keys], merged
 
 
-def _split_off(frame, count: int, seed: int, age_bins: int):
-    """(rest, part) with `count` rows in part, stratified as finely as the data allows."""
+def _split_off(frame, count: int, seed: int, age_bins: int, name: str, report):
+    """(rest, part) with `count` rows in part, stratified as finely as the data allows;
+    anything coarser than age_bins x sex is reported, naming the part."""
     if count == 0:
         return frame, frame.iloc[:0].copy()
     rows = np.arange(len(frame))
     for bins in range(max(age_bins, 1), 0, -1):  # bins=1: by sex only
+        labels, merged = _strata(frame, bins)
         try:
-            rest, part = train_test_split(rows, test_size=count, random_state=seed,
-                                          stratify=_strata(frame, bins))
-            break
+            rest, part = train_test_split(rows, test_size=count, random_state=seed, stratify=labels)
         except ValueError:  # too few rows for this many strata
             continue
+        bins, strata = min(bins, len(frame)), len(set(labels))
+        used = f"stratified by {bins} age bins x sex" if bins > 1 else "stratified by sex only"
+        if merged:
+            used += f" ({strata} strata after merging {merged} too small)"
+        if strata == 1:
+            used = "not stratified (a random split)"
+        coarser = bins < age_bins or merged
+        break
     else:
         rest, part = train_test_split(rows, test_size=count, random_state=seed)
+        used, coarser = "not stratified (a random split)", True
+    if report and coarser:
+        report(f"split: the {name} split ({count} of {len(frame)} images) is {used}: "
+               f"too few images for every stratum of {age_bins} age bins x sex")
     return (frame.iloc[np.sort(rest)].reset_index(drop=True),
             frame.iloc[np.sort(part)].reset_index(drop=True))
 
 
 def split_table(frame, val_fraction: float, test_fraction: float, seed: int,
-                age_bins: int = 5) -> tuple:
+                age_bins: int = 5, report=None) -> tuple:
     """(train, val, test), stratified jointly by age quantile bin and sex, deterministic by seed.
-    Rows keep their order within each part; a part with fraction 0 is an empty frame."""
+    Rows keep their order within each part; a part with fraction 0 is an empty frame. A coarser
+    stratification (too few images for age_bins x sex) is said through `report`."""
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
             raise InputError(f"{name} must be a number in [0, 1), got {value!r}")
@@ -147,8 +163,8 @@ def split_table(frame, val_fraction: float, test_fraction: float, seed: int,
         raise InputError(f"{n} images are too few for val_fraction {val_fraction} and "
                          f"test_fraction {test_fraction}: no images would be left to train on")
     frame = frame.reset_index(drop=True)
-    rest, test = _split_off(frame, n_test, seed, age_bins)
-    train, val = _split_off(rest, n_val, seed, age_bins)
+    rest, test = _split_off(frame, n_test, seed, age_bins, "test", report)
+    train, val = _split_off(rest, n_val, seed, age_bins, "validation", report)
     return train, val, test
 
 

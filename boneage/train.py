@@ -254,11 +254,11 @@ def run(cfg: Config, out_dir, report=print) -> dict:
     from boneage.export import export_model
     from boneage.splits import load_external_test, load_splits
 
+    splits = load_splits(cfg.data, report)  # bad data is refused before the run folder exists
+    external = load_external_test(cfg.data, report)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    splits = load_splits(cfg.data, report)
-    external = load_external_test(cfg.data, report)
     splits.save(out_dir)
     report(f"training on {splits.sizes()} images at {cfg.model.image_size} px -> {out_dir}")
     metrics, model = train(cfg, splits, out_dir=out_dir)

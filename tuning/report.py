@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,12 @@ def _draw(out_dir: Path, name: str, draw) -> str | None:
         tmp.unlink(missing_ok=True)
         path.unlink(missing_ok=True)  # no stale plot from an earlier report
         _pyplot().close("all")
-        return str(err) if isinstance(err, Unavailable) else f"{type(err).__name__}: {err}"
+        if isinstance(err, Unavailable):  # nothing to draw (e.g. no retrain): not a fault
+            return str(err)
+        # a real failure: skipped in the report, and also said where the user is looking now
+        print(f"warning: plot {name} could not be drawn, skipped in the report: "
+              f"{type(err).__name__}: {err}", file=sys.stderr)
+        return f"{type(err).__name__}: {err}"
 
 
 def _key(value) -> str:

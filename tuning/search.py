@@ -47,13 +47,29 @@ def experiment_paths(cfg: SearchConfig, name: str) -> tuple[str, Path]:
 
 
 def study_storage(cfg: SearchConfig, local_dir: Path):
+    """The Optuna storage. A URL that cannot name a usable database is bad input (status 2); a
+    database that is there but fails (locked, unreachable, a newer schema) raises as it is."""
     import optuna
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
     url = cfg.tune.optuna_storage or f"sqlite:///{local_dir / STUDY_DB}"
     try:
+        parsed = make_url(url)
+    except ArgumentError as err:
+        raise InputError(f"tune.optuna_storage: {url!r} is not a database URL ({err})") from None
+    shown = parsed.render_as_string(hide_password=True)  # never print a password
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).expanduser().absolute().parent
+        if not folder.is_dir():
+            raise InputError(f"tune.optuna_storage: {shown}: folder {folder} does not exist")
+    try:
         return optuna.storages.RDBStorage(url, heartbeat_interval=None)
-    except Exception as err:  # SQLAlchemy raises many kinds for a bad URL
-        raise InputError(f"tune.optuna_storage: cannot open {url}: {err}") from None
+    except ArgumentError as err:  # e.g. NoSuchModuleError: an unknown kind of database
+        raise InputError(f"tune.optuna_storage: cannot use {shown}: {err}") from None
+    except ImportError as err:  # Optuna: this kind of database has no driver installed here
+        raise InputError(f"tune.optuna_storage: {shown}: {err} (for PostgreSQL: pip install "
+                         f"psycopg2-binary; for MySQL: pip install pymysql)") from None
 
 
 def fail_running_trials(storage, study_name: str) -> int:
@@ -100,7 +116,10 @@ def make_searcher(cfg: SearchConfig, space: dict, storage, study_name: str):
                 return
             super().on_trial_complete(trial_id, result=result, error=error)
 
-    sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.n_startup_trials)
+    # constant_liar: trials still running count as bad results, so concurrent trials do not all
+    # get the same suggestion (Optuna 5 defaults to it; set here so an older Optuna does too).
+    sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.n_startup_trials,
+                                         constant_liar=True)
     return StudySearch(space=space, metric=METRIC, mode=MODE, sampler=sampler, study_name=study_name,
                        storage=storage, points_to_evaluate=list(cfg.tune.points_to_evaluate) or None)
 

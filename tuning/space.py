@@ -17,6 +17,7 @@ error naming the key, before any trial starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from boneage.config import as_number, from_dict
@@ -75,6 +76,8 @@ def parse_space(cfg) -> dict:
                     or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
                 raise InputError(f"{where}: {kind} needs [low, high] numbers, got {bounds!r}")
             low, high = bounds
+            if not all(math.isfinite(b) for b in bounds):
+                raise InputError(f"{where}: {kind} needs finite [low, high], got {bounds!r}")
             if low > high:
                 raise InputError(f"{where}: low {low} is greater than high {high}")
             log = kind in ("loguniform", "logint")
