@@ -41,6 +41,21 @@ class Shape:
     alive: bool
 
 
+def launcher_node_types(path) -> dict[str, dict]:
+    """{node type: resources} of a `ray up` launcher file (`cluster.yaml`, or the copy `ray up`
+    puts on the head); {} when there is no such file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return {}
+    launcher = yaml.safe_load(path.read_text()) or {}
+    return {name: spec.get("resources") or {} for name, spec in (launcher.get("available_node_types") or {}).items()}
+
+
+def type_shapes(types: dict) -> list[Shape]:
+    """Shapes of node types an autoscaler may start, from {name: {"CPU": n, "GPU": m}}."""
+    return [Shape(name, float(r.get("CPU", 0)), float(r.get("GPU", 0)), False) for name, r in types.items()]
+
+
 def node_shapes(bootstrap=BOOTSTRAP_CONFIG, env=None) -> list[Shape]:
     """Alive nodes, then the node types an autoscaler may start."""
     import ray
@@ -48,19 +63,13 @@ def node_shapes(bootstrap=BOOTSTRAP_CONFIG, env=None) -> list[Shape]:
     env = os.environ if env is None else env
     shapes = [Shape(n["NodeID"][:12], n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0), True)
               for n in ray.nodes() if n["Alive"]]
-    types = {}
-    path = Path(bootstrap).expanduser()
-    if path.is_file():
-        launcher = yaml.safe_load(path.read_text()) or {}
-        types.update({name: spec.get("resources", {}) for name, spec in
-                      (launcher.get("available_node_types") or {}).items()})
+    types = launcher_node_types(bootstrap)
     if env.get(NODE_TYPES_ENV):
         try:
             types.update(json.loads(env[NODE_TYPES_ENV]))
         except (ValueError, AttributeError) as err:
             raise InputError(f"{NODE_TYPES_ENV} is not a JSON object of node types: {err}") from None
-    shapes += [Shape(name, float(r.get("CPU", 0)), float(r.get("GPU", 0)), False) for name, r in types.items()]
-    return shapes
+    return shapes + type_shapes(types)
 
 
 def _describe(shapes) -> str:
