@@ -4,6 +4,7 @@
     check_fits(cfg, shapes)                         # InputError before any trial starts
     gpus, cpus = retrain_resources(cfg, shapes)
     pg = reserve(gpus, cpus, cfg.tune.retrain_wait_s)   # or ClusterError after the wait
+    check_fits(cfg, type_shapes(launcher_node_types("cluster.yaml")))   # offline, against a launcher file
 
 A shape is one alive node, or one node type an autoscaler may start: those of `ray up`
 (`~/ray_bootstrap_config.yaml` on the head, where the launcher puts it) and those listed in
