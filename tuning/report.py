@@ -5,7 +5,7 @@
     print(format_summary(summary))
 
 `trials`: trial_id, status (completed, stopped_early, error, running), epochs, best_val_mae,
-last_val_mae, val_mae_per_epoch (a list), time_s, node, and `param.<name>` per searched parameter.
+last_val_mae, val_mae_per_epoch (a list), time_s, node_id (Ray's), host, and `param.<name>` per searched parameter.
 `study`: the Optuna study or None. `summary`: name, best {trial_id, val_mae, params, epochs},
 test_metrics (boneage.evaluate's dict) or None, retrain_epochs, predictions_csv, wall_time_s,
 gpu_hours, num_trials, storage. A plot that cannot be drawn is "not available: <reason>" in the
@@ -26,7 +26,7 @@ from boneage.evaluate import format_metrics, plot_predictions
 
 PARAM = "param."
 LIST_COLUMN = "val_mae_per_epoch"
-TEXT_COLUMNS = ("trial_id", "status", "node")
+TEXT_COLUMNS = ("trial_id", "status", "node_id", "host")
 TOP_TRIALS = 20
 
 

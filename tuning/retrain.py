@@ -38,7 +38,7 @@ def collect_trials(results, cfg: SearchConfig) -> pd.DataFrame:
                "epochs": epochs, "best_val_mae": min(curve) if curve else math.nan,
                "last_val_mae": curve[-1] if curve else math.nan, "val_mae_per_epoch": curve,
                "time_s": float(result.metrics.get("time_total_s", 0.0) or 0.0),
-               "node": str(result.metrics.get("node", ""))}
+               "node_id": str(result.metrics.get("node_id", "")), "host": str(result.metrics.get("host", ""))}
         params = {k: v for k, v in (result.config or {}).items() if k in cfg.tune.space}
         row.update({f"param.{k}": v for k, v in params.items()})
         row["best_epoch"] = int(result.metrics.get("best_epoch", 0) or 0)
@@ -64,8 +64,9 @@ def best_config(cfg: SearchConfig, trials: pd.DataFrame) -> tuple[SearchConfig, 
     return tuned, best
 
 
-def retrain_best(cfg_dict: dict, splits, local_dir: str) -> dict:
-    """Runs inside a Ray task: set TensorFlow up for the task's resources, then retrain_and_export."""
+def retrain_best(cfg_dict: dict, splits, exp) -> dict:
+    """Runs inside a Ray task, on any node: set TensorFlow up for the task's resources, then
+    retrain_and_export into the experiment's storage (final/ and model/)."""
     import ray
 
     from tuning.trainable import setup_process
@@ -76,8 +77,10 @@ def retrain_best(cfg_dict: dict, splits, local_dir: str) -> dict:
     gpu_ids = context.get_accelerator_ids().get("GPU", [])
     setup = setup_process(cfg, max(1, int(assigned.get("CPU", 1))), float(assigned.get("GPU", 0.0)), gpu_ids,
                           what="retrain")
-    results = retrain_and_export(cfg, splits, Path(local_dir))
-    return {**results, "node": socket.gethostname(), "gpus": len(gpu_ids), "tensorflow_gpus": setup.gpus}
+    with exp.writer("final", "model") as folder:
+        results = retrain_and_export(cfg, splits, folder)
+    return {**results, "node": socket.gethostname(), "node_id": context.get_node_id(), "gpus": len(gpu_ids),
+            "tensorflow_gpus": setup.gpus}
 
 
 def retrain_and_export(cfg: SearchConfig, splits, local_dir: Path) -> dict:
@@ -89,7 +92,7 @@ def retrain_and_export(cfg: SearchConfig, splits, local_dir: Path) -> dict:
     from boneage.train import train
 
     combined = Splits(pd.concat([splits.train, splits.val], ignore_index=True), splits.val.iloc[:0],
-                      splits.test, splits.fingerprint, splits.root)
+                      splits.test, splits.fingerprint, splits.root, splits.labels_fingerprint)
     final_dir = local_dir / "final"
     started = time.time()
     metrics, model = train(cfg, combined, out_dir=final_dir)
@@ -104,7 +107,7 @@ def retrain_and_export(cfg: SearchConfig, splits, local_dir: Path) -> dict:
             "seconds": time.time() - started}
 
 
-def run_retrain(tuned: SearchConfig, splits, local_dir: Path) -> dict:
+def run_retrain(tuned: SearchConfig, splits, exp) -> dict:
     """The retrain as a Ray task on one node holding its GPUs (waiting for such a node if an
     autoscaler must start one first)."""
     import ray
@@ -119,16 +122,19 @@ def run_retrain(tuned: SearchConfig, splits, local_dir: Path) -> dict:
     try:
         task = ray.remote(num_cpus=cpus, num_gpus=gpus)(retrain_best).options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0))
-        return ray.get(task.remote(dataclasses.asdict(tuned), splits, str(local_dir)))
+        return ray.get(task.remote(dataclasses.asdict(tuned), splits, exp))
     finally:
         remove_placement_group(group)
 
 
-def finish(cfg: SearchConfig, name: str, local_dir: Path, storage_path: str, results, splits,
-           started: float) -> dict:
-    from tuning.report import format_summary, write_report, write_trials_csv
-    from tuning.search import STUDY_DB, study_storage
+def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
+    """Collect the trials, retrain the best, write the report, publish it all into the storage."""
+    import optuna
 
+    from tuning.report import format_summary, write_report, write_trials_csv
+    from tuning.study import STUDY_DB, StudySync, open_storage, study_url
+
+    local_dir = exp.local_dir
     search_seconds = time.time() - started
     trials = collect_trials(results, cfg)
     write_trials_csv(trials, local_dir / "trials.csv")
@@ -139,16 +145,16 @@ def finish(cfg: SearchConfig, name: str, local_dir: Path, storage_path: str, res
     if cfg.tune.retrain:
         print(f"retraining the best config ({best['trial_id']}, val MAE {best['best_val_mae']:.2f}) "
               f"for {tuned.train.epochs} epochs on train + val ...")
-        retrained = run_retrain(tuned, splits, local_dir)
+        retrained = run_retrain(tuned, splits, exp)
         print(f"retrained on {retrained['node']} with {retrained['gpus']} GPU(s), {retrained['replicas']} "
               f"replica(s), global batch {retrained['global_batch_size']}")
+        exp.fetch("final")  # written on the retrain's node, into the storage
         write_atomic(local_dir / "test_metrics.json", json.dumps(retrained["test_metrics"], indent=2))
         gpu_seconds += retrained["seconds"] * retrained["gpus"]
-    import optuna
-
-    study = optuna.load_study(study_name=name, storage=study_storage(cfg, local_dir))
+    url = study_url(cfg, local_dir)
+    study = optuna.load_study(study_name=exp.name, storage=open_storage(url))
     summary = {
-        "name": name, "num_trials": len(trials), "storage": str(local_dir),
+        "name": exp.name, "num_trials": len(trials), "storage": exp.uri,
         "best": {"trial_id": best["trial_id"], "val_mae": float(best["best_val_mae"]),
                  "params": {k[6:]: best[k] for k in trials.columns if k.startswith("param.")},
                  "epochs": int(best["epochs"])},
@@ -161,27 +167,36 @@ def finish(cfg: SearchConfig, name: str, local_dir: Path, storage_path: str, res
     }
     write_report(local_dir, trials, study, summary)
     write_atomic(local_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-    if "://" in storage_path:
-        import pyarrow.fs
-
-        pyarrow.fs.copy_files(str(local_dir), f"{storage_path.rstrip('/')}/{name}/outputs")
+    if exp.remote:
+        StudySync(exp, url).sync()
+        exp.publish(sorted(p.name for p in local_dir.iterdir() if p.name not in (STUDY_DB, "final", "model")))
     print(format_summary(summary))
-    print(f"Optuna dashboard: optuna-dashboard sqlite:///{local_dir / STUDY_DB}")
+    if not cfg.tune.optuna_storage:
+        print(f"Optuna dashboard: optuna-dashboard sqlite:///{local_dir / STUDY_DB}")
     return summary
 
 
-def retrain_only(experiment_dir: Path, address: str | None = None) -> dict:
+def retrain_only(location: str, address: str | None = None) -> dict:
+    """Redo the retrain, test, export and report of the experiment at a folder or URI."""
     from boneage.splits import load_splits
     from tuning.config import load_search_config
-    from tuning.search import SEARCH_CONFIG, experiment_paths, make_tuner, start_ray
+    from tuning.experiment import SEARCH_CONFIG, Experiment
+    from tuning.nodecheck import NodeExpectations, code_version
+    from tuning.search import images_here, make_tuner, start_ray
+    from tuning.study import STUDY_DB
 
-    experiment_dir = experiment_dir.expanduser().resolve()
-    if not (experiment_dir / SEARCH_CONFIG).is_file():
-        raise InputError(f"--retrain-only: {experiment_dir} is not an experiment folder (no {SEARCH_CONFIG})")
-    cfg = load_search_config(experiment_dir / SEARCH_CONFIG)
-    name = experiment_dir.name
-    storage_path, _ = experiment_paths(cfg, name)
-    splits = load_splits(cfg.data)
+    exp = Experiment.at(location)
+    try:
+        found = exp.fetch(SEARCH_CONFIG)
+    except InputError:
+        found = False
+    if not found:
+        raise InputError(f"--retrain-only: {location} is not an experiment (no {SEARCH_CONFIG})")
+    exp.fetch(STUDY_DB)
+    cfg = load_search_config(exp.local_dir / SEARCH_CONFIG)
+    splits = load_splits(cfg.data, images=images_here(cfg, address))
     start_ray(address)
-    results = make_tuner(cfg, name, splits, resume=True).get_results()
-    return finish(cfg, name, experiment_dir, storage_path, results, splits, time.time())
+    expected = NodeExpectations(exp.uri, exp.mark_storage(), splits.fingerprint, splits.labels_fingerprint,
+                                code_version())
+    results = make_tuner(cfg, exp, splits, expected, resume=True).get_results()
+    return finish(cfg, exp, results, splits, time.time())
