@@ -10,8 +10,9 @@ Ray Tune runs the trials (`tuning.trainable`), Optuna's TPE picks their hyperpar
 `tune.space` (`tuning.space`), and ASHA stops the weak ones early on validation MAE. The Optuna
 study lives in SQLite inside the experiment folder (or at `tune.optuna_storage`, e.g.
 PostgreSQL on a cluster), so `optuna-dashboard sqlite:///EXPERIMENT/optuna.db` shows it and a
-resumed search continues it. The driver validates the config and the data, then leaves all
-TensorFlow work to Ray workers.
+resumed search continues it; `tensorboard --logdir EXPERIMENT` shows every trial's curves, and
+`tune.mlflow: true` logs the trials to MLflow too (`tuning.tracking`). The driver validates the
+config and the data, then leaves all TensorFlow work to Ray workers.
 """
 from __future__ import annotations
 
@@ -130,6 +131,7 @@ def make_tuner(cfg: SearchConfig, name: str, splits, resume: bool):
 
     from tuning.budget import GpuHourBudget
     from tuning.space import parse_space
+    from tuning.tracking import tracking_callbacks
     from tuning.trainable import run_trial
 
     storage_path, local_dir = experiment_paths(cfg, name)
@@ -156,6 +158,7 @@ def make_tuner(cfg: SearchConfig, name: str, splits, resume: bool):
             time_budget_s=cfg.tune.time_budget_s or None, reuse_actors=False),
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, stop=stoppers,
+            callbacks=tracking_callbacks(cfg, name, local_dir),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
 
@@ -188,7 +191,9 @@ def start_ray(address: str | None) -> None:
     os.environ.update(quiet)  # local workers inherit the driver's environment
     # Checkpointing every epoch with num_to_keep=1 is deliberate; Tune warns about it each time.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ray.init(address=address, runtime_env={"env_vars": quiet}, log_to_driver=True,
+    # Without --address, a Ray of our own: ray.init(None) would join any cluster someone started
+    # on this machine with `ray start`, whose workers may run another checkout and virtualenv.
+    ray.init(address=address or "local", runtime_env={"env_vars": quiet}, log_to_driver=True,
              include_dashboard=False, configure_logging=False)
 
 
