@@ -11,8 +11,10 @@ Ray Tune runs the trials (`tuning.trainable`), Optuna's TPE picks their hyperpar
 experiment lives in `tune.storage_path` (a folder, a shared file system or s3://; see
 `tuning.experiment`), the Optuna study in SQLite inside it (copied into s3:// storage after
 every trial) or at `tune.optuna_storage` (see `tuning.study`), so a resumed search continues it,
-on a fresh head too. The driver validates the config, the data and the cluster, then leaves
-all TensorFlow work to Ray workers; on a cluster, Ray ships the driver's code to them.
+on a fresh head too. `tensorboard --logdir EXPERIMENT` shows every trial's curves, and
+`tune.mlflow: true` logs the trials to MLflow too (`tuning.tracking`). The driver validates
+the config, the data and the cluster, then leaves all TensorFlow work to Ray workers; on a
+cluster, Ray ships the driver's code to them.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
     from tuning.nodecheck import NodeCheckWatch
     from tuning.space import parse_space
     from tuning.study import StudySync, fail_running_trials, make_searcher, open_storage, study_url
+    from tuning.tracking import tracking_callbacks
     from tuning.trainable import run_trial
 
     trainable = tune.with_resources(
@@ -73,7 +76,8 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
             time_budget_s=cfg.tune.time_budget_s or None, reuse_actors=False),
         run_config=tune.RunConfig(
             name=exp.name, storage_path=exp.storage_path, stop=tune.stopper.CombinedStopper(*stoppers),
-            callbacks=stoppers[:1] + ([StudySync(exp, url)] if exp.remote else []),
+            callbacks=stoppers[:1] + ([StudySync(exp, url)] if exp.remote else [])
+                      + tracking_callbacks(cfg, exp.name, exp.local_dir),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
 
