@@ -4,7 +4,7 @@
     python -m boneage train --config configs/small.yaml --set train.epochs=3 --out runs/small
     python -m boneage evaluate runs/small/export --config configs/small.yaml
     python -m boneage export runs/small/best.keras --out runs/small/export2
-    python -m boneage predict runs/small/export hand.png --sex F
+    python -m boneage predict runs/small/export hand.png --sex F [--explain hand_gradcam.png]
 
 Heavy imports (TensorFlow) happen inside each command, so `--help` and config errors are
 instant. Bad input of any kind prints one message and exits with status 2.
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which split of the config's data to use (default test)")
     p.add_argument("--data", help="instead: an RSNA-layout folder with a labelled part")
     p.add_argument("--part", choices=["training", "test"], default="test", help="with --data")
-    p.add_argument("--tta", action="store_true", help="average with the mirrored image")
+    p.add_argument("--tta", action="store_true", help="average over mirrored, rotated and shifted views")
     p.add_argument("--out", help="folder for predictions, plots and metrics")
     p.set_defaults(func=cmd_evaluate)
 
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="with --csv: the folder of {Case ID}.png")
     p.add_argument("--labels", help="with --csv: labels CSV (id,boneage,male) to report MAE against")
     p.add_argument("--out", help="with --csv: predictions CSV to write (default stdout)")
+    p.add_argument("--explain", metavar="OUT.png", help="write the Grad-CAM overlay of the (one) image")
     p.set_defaults(func=cmd_predict)
     for sub_parser in sub.choices.values():  # so main() can report a stray flag with its command
         sub_parser.set_defaults(parser=sub_parser)

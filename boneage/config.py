@@ -76,8 +76,16 @@ class TrainConfig:
     seed: int = 0
     intra_op_threads: int = field(default=0, metadata=_range(0))  # 0 = TensorFlow's default
     inter_op_threads: int = field(default=0, metadata=_range(0))
-    tta: bool = False  # test-time augmentation (horizontal flip) at evaluation
+    tta: bool = False  # test-time augmentation at evaluation (boneage.tta: mirror, rotations, shifts)
     verbose: int = field(default=2, metadata=_range(0, 2))  # Keras fit verbosity
+
+
+@dataclass
+class IntervalsConfig:
+    """Split-conformal prediction intervals (boneage.conformal), saved with the export."""
+    coverage: float = field(default=0.9, metadata=_range(0.0, 0.99))  # 0 = no intervals
+    by_age: bool = True  # one half-width per band of predicted age (errors grow with age)
+    min_per_band: int = field(default=30, metadata=_range(1))  # smaller bands merge with a neighbour
 
 
 @dataclass
@@ -85,6 +93,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    intervals: IntervalsConfig = field(default_factory=IntervalsConfig)
 
 
 def as_number(value: Any) -> Any:

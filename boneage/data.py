@@ -267,7 +267,10 @@ def check_image_file(path: str):
 
 
 def _check_images(paths, full, report) -> list:
-    """_check_image for every path, in chunks on parallel threads, with progress for big sets."""
+    """_check_image for every path, in chunks on parallel threads, with progress for big sets.
+    full=None checks nothing: the images are not on this machine (see load_table)."""
+    if full is None:
+        return [None] * len(paths)
     n, results = len(paths), []
     chunk = max(1, min(128, n // 64))  # chunks of paths: far less thread switching than one each
     quarters = [n * q // 4 for q in (1, 2, 3, 4)] if n > PROGRESS_OVER else []
@@ -289,13 +292,15 @@ def load_table(root, part: str = "training", labels_csv=None, drop_invalid: bool
 
     Raises one InputError listing every problem, or with drop_invalid drops the bad rows and
     reports how many and why. check_images=False only checks that each image exists and is not
-    empty (for when a cache says the files were checked before). For the test part, labels_csv
+    empty (for when a cache says the files were checked before); None checks the CSV alone (a
+    cluster's head, when the images are staged on the workers, which check them themselves).
+    For the test part, labels_csv
     defaults to <root>/boneage-test-labels.csv if it exists; without labels boneage is NaN.
     """
     root = Path(root).absolute()
     if not root.is_dir():
         raise InputError(f"data root {root} is not a folder")
-    image_dir = find_image_dir(root, part)
+    image_dir = find_image_dir(root, part) if check_images is not None else root / f"boneage-{part}-dataset"
     if part == "test" and labels_csv is None and (root / "boneage-test-labels.csv").is_file():
         labels_csv = root / "boneage-test-labels.csv"
     return _load(root / f"boneage-{part}-dataset.csv", image_dir, part, labels_csv,

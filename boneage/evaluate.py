@@ -17,9 +17,8 @@ AGE_BANDS_YEARS = [(0, 2), (2, 6), (6, 10), (10, 14), (14, 19)]
 
 
 def predict_table(model, frame, batch_size: int = 32, tta: bool = False, cache: str = "none") -> np.ndarray:
-    """Predicted months for every row of `frame`, in order. TTA averages with the mirror image."""
-    import tensorflow as tf
-
+    """Predicted months for every row of `frame`, in order. TTA averages over the views of
+    `boneage.tta` (mirror, small rotations and shifts)."""
     from boneage.pipeline import make_dataset
 
     image_size = int(model.inputs[0].shape[1])
@@ -27,11 +26,11 @@ def predict_table(model, frame, batch_size: int = 32, tta: bool = False, cache: 
     ds = make_dataset(frame, image_size, batch_size, training=False, include_sex=include_sex,
                       cache=cache, with_labels=False)
     features = ds.map(lambda x, y: x)
-    predictions = model.predict(features, verbose=0).reshape(-1)
     if tta:
-        flipped = features.map(lambda x: {**x, "image": tf.image.flip_left_right(x["image"])})
-        predictions = (predictions + model.predict(flipped, verbose=0).reshape(-1)) / 2.0
-    return predictions.astype(np.float64)
+        from boneage.tta import predict_views
+
+        return predict_views(model, features)
+    return model.predict(features, verbose=0).reshape(-1).astype(np.float64)
 
 
 def error_metrics(y_true, y_pred, male, mean_prediction: float, seed: int = 0, n_boot: int = 1000) -> dict:

@@ -4,7 +4,9 @@
 
 The folder is built under a temporary name and renamed into place, so a reader (or a crash)
 never sees half an export. The SavedModel's default signature takes encoded PNG bytes and sex
-(1.0 male, 0.0 female) and returns months, so a TF Serving client does no preprocessing:
+(1.0 male, 0.0 female) and returns months, so a TF Serving client does no preprocessing. An
+export made with prediction intervals (`boneage.conformal`) keeps them in `intervals.json` and
+the model card, and its signature also returns `lower` and `upper` (months):
 
     saved_model_cli run --dir EXPORT/saved_model --tag_set serve --signature_def serving_default ...
 """
@@ -18,9 +20,12 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from boneage.conformal import INTERVALS_FILE
+
 MODEL_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
 CARD_FILE = "model_card.json"
+MAX_AGE = 240.0  # months: interval bounds are clipped to the possible ages
 PACKAGES = ("boneage-tune", "tensorflow", "keras", "numpy", "pandas", "scikit-learn", "ray", "optuna")
 
 
@@ -34,8 +39,9 @@ def package_versions() -> dict:
     return versions
 
 
-def serving_function(model):
-    """PNG bytes [N] + sex [N] -> {"months": [N]}, decoding with the pipeline's own function."""
+def serving_function(model, intervals=None):
+    """PNG bytes [N] + sex [N] -> {"months": [N]} (+ "lower", "upper" with intervals), decoding
+    with the pipeline's own function."""
     import tensorflow as tf
 
     from boneage.pipeline import prepare_image
@@ -48,7 +54,15 @@ def serving_function(model):
         features = {"image": tf.cast(images, tf.float32)}
         if include_sex:
             features["male"] = tf.reshape(tf.cast(male, tf.float32), [-1, 1])
-        return {"months": tf.reshape(model(features, training=False), [-1])}
+        months = tf.reshape(tf.cast(model(features, training=False), tf.float32), [-1])
+        if intervals is None:
+            return {"months": months}
+        # The same bands and half-widths as boneage.conformal.Intervals.bounds, in graph ops.
+        band = (tf.searchsorted(tf.constant(intervals.edges, tf.float32), months, side="right")
+                if intervals.edges else tf.zeros_like(months, tf.int32))
+        half = tf.gather(tf.constant(intervals.half_widths, tf.float32), band)
+        return {"months": months, "lower": tf.clip_by_value(months - half, 0.0, MAX_AGE),
+                "upper": tf.clip_by_value(months + half, 0.0, MAX_AGE)}
 
     signature = [tf.TensorSpec([None], tf.string, name="png"), tf.TensorSpec([None], tf.float32, name="male")]
     return serve, signature
@@ -91,8 +105,9 @@ def float32_model(model):
     return copy
 
 
-def export_model(model, out_dir, card: dict) -> Path:
+def export_model(model, out_dir, card: dict, intervals=None) -> Path:
     """Write out_dir/{model.keras, saved_model/, model_card.json} atomically; returns out_dir.
+    `intervals` (boneage.conformal.Intervals): also intervals.json and lower/upper outputs.
 
     The export always computes in float32 (see float32_model)."""
     import keras
@@ -107,7 +122,7 @@ def export_model(model, out_dir, card: dict) -> Path:
         model.save(staging / MODEL_FILE)
         archive = keras.export.ExportArchive()
         archive.track(model)
-        serve, signature = serving_function(model)
+        serve, signature = serving_function(model, intervals)
         archive.add_endpoint(name="serve", fn=serve, input_signature=signature)
         archive.write_out(str(staging / SAVED_MODEL_DIR), verbose=False)
         card = {
@@ -119,6 +134,11 @@ def export_model(model, out_dir, card: dict) -> Path:
             "packages": package_versions(),
             **card,
         }
+        if intervals is not None:
+            intervals.save(staging / INTERVALS_FILE)
+            card["intervals"] = intervals.to_dict()
+            card["serving_signature"] = ("serving_default(png: string[N], male: float32[N]) -> months, lower, "
+                                         f"upper: float32[N] ({intervals.coverage:.0%} prediction interval)")
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"

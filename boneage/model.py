@@ -86,6 +86,9 @@ def build_model(image_size: int, weights: str = "imagenet", frozen_layers: int =
 
 
 def target_scaling(model: keras.Model) -> tuple[float, float]:
-    """(mean, std) of the target, as built into the model's last layer."""
+    """(mean, std) of the target, as built into the model's last layer (for an ensemble, into
+    its first member's)."""
+    if "months" not in {layer.name for layer in model.layers}:
+        model = next(layer for layer in model.layers if isinstance(layer, keras.Model))
     months = model.get_layer("months")
     return float(months.offset), float(months.scale)

@@ -31,8 +31,9 @@ class Splits:
     train: pd.DataFrame
     val: pd.DataFrame
     test: pd.DataFrame
-    fingerprint: str
+    fingerprint: str  # of the images and labels ("" when the images were not checked here)
     root: str
+    labels_fingerprint: str = ""  # of the labels alone
 
     def save(self, out_dir) -> None:
         save_split({"train": self.train, "val": self.val, "test": self.test}, out_dir)
@@ -57,15 +58,22 @@ def resolve_root(cfg: DataConfig, report=print) -> Path:
     return root
 
 
-def load_splits(cfg: DataConfig, report=print) -> Splits:
+def load_dataset(cfg: DataConfig, report=print, images: bool = True) -> tuple[Path, pd.DataFrame]:
+    """(root, the checked table to split), subsampled to `max_images`. images=False reads and
+    checks the labels alone (the images are elsewhere, and checked there)."""
     root = resolve_root(cfg, report)
     table = data.load_table(root, "training", drop_invalid=cfg.drop_invalid,
-                            check_images=cfg.check_images, report=report)
+                            check_images=cfg.check_images if images else None, report=report)
     if cfg.max_images and cfg.max_images < len(table):
         table = table.sample(n=cfg.max_images, random_state=cfg.split_seed).reset_index(drop=True)
+    return root, table
+
+
+def load_splits(cfg: DataConfig, report=print, images: bool = True) -> Splits:
+    root, table = load_dataset(cfg, report, images)
     train, val, test = split_table(table, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
                                    report=report)
-    return Splits(train, val, test, fingerprint(table), str(root))
+    return Splits(train, val, test, fingerprint(table) if images else "", str(root), labels_fingerprint(table))
 
 
 def load_external_test(cfg: DataConfig, report=print) -> pd.DataFrame | None:
@@ -175,6 +183,14 @@ def fingerprint(frame) -> str:
                                            frame["male"], frame["path"]), key=lambda r: r[0]):
         size = os.path.getsize(path) if os.path.exists(path) else -1
         digest.update(f"{id_},{float(age)!r},{bool(male)},{size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def labels_fingerprint(frame) -> str:
+    """sha256 hex[:16] of the sorted (id, boneage, male) rows: equal wherever the labels are."""
+    digest = hashlib.sha256()
+    for id_, age, male in sorted(zip(frame["id"].astype(str), frame["boneage"], frame["male"])):
+        digest.update(f"{id_},{float(age)!r},{bool(male)}\n".encode())
     return digest.hexdigest()[:16]
 
 

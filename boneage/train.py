@@ -250,7 +250,7 @@ def run(cfg: Config, out_dir, report=print) -> dict:
     import json
 
     from boneage.config import save_config, write_atomic
-    from boneage.evaluate import evaluate, format_metrics
+    from boneage.evaluate import evaluate, format_metrics, predict_table
     from boneage.export import export_model
     from boneage.splits import load_external_test, load_splits
 
@@ -269,9 +269,17 @@ def run(cfg: Config, out_dir, report=print) -> dict:
             results[name] = evaluate(model, frame, metrics["age_mean"], cfg.train.batch_size,
                                      cfg.train.tta, out_dir, name)
             report(f"{name}: " + format_metrics(results[name]))
+    # Intervals from the validation split: never trained on (it only chose the best epoch).
+    from boneage.conformal import calibrate_model, evaluate_intervals
+
+    intervals = calibrate_model(model, splits.val, cfg, f"the validation split ({len(splits.val)} images; "
+                                "not trained on, it chose the best epoch)", cfg.train.batch_size, report=report)
+    if intervals is not None and len(splits.test):  # as served: without test-time augmentation
+        results["test_intervals"] = evaluate_intervals(
+            intervals, splits.test["boneage"], predict_table(model, splits.test, cfg.train.batch_size))
     export_dir = export_model(model, out_dir / "export", {
         "config": asdict(cfg), "data_fingerprint": splits.fingerprint,
-        "split_sizes": splits.sizes(), "metrics": results})
+        "split_sizes": splits.sizes(), "metrics": results}, intervals)
     write_atomic(out_dir / "metrics.json", json.dumps(results, indent=2))
     report(f"exported to {export_dir}")
     return results

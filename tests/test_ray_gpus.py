@@ -46,6 +46,7 @@ def write_config(tmp_path, phantom_root, **tune) -> Path:
         "tune": {"storage_path": str(tmp_path / "experiments"), "num_samples": len(RATES),
                  "max_concurrent_trials": 8, "n_startup_trials": 1, "resources": {"cpu": 1, "gpu": 0.5},
                  "retrain_gpus": 2, "space": {"learning_rate": {"loguniform": [1.0e-4, 1.0e-2]}},
+                 "ensemble_top_k": 1, "gallery_size": 0,  # the report's extras are tested in test_search
                  "points_to_evaluate": [{"learning_rate": lr} for lr in RATES], **tune},
     }
     path = tmp_path / "search.yaml"

@@ -64,22 +64,24 @@ def test_a_lambda_layer_is_refused_by_safe_mode(tmp_path, phantom_root, capsys):
 
 def test_optuna_storage_input_errors_and_real_faults(tmp_path):
     from tuning.config import load_search_config
-    from tuning.search import study_storage
+    from tuning.study import open_storage, study_url
 
     def storage(url=None):
         cfg = load_search_config(None, [f"tune.optuna_storage={url}"] if url else [])
-        return study_storage(cfg, tmp_path)
+        return open_storage(study_url(cfg, tmp_path))
 
     for url, message in [("not a url", "is not a database URL"), ("nosuchdb://host/x", "cannot use nosuchdb://"),
                          (f"sqlite:///{tmp_path}/missing/optuna.db", f"folder {tmp_path}/missing does not exist")]:
         with pytest.raises(InputError, match=message):
             storage(url)
+    with pytest.raises(InputError, match="BONEAGE_OPTUNA_PASSWORD") as err:  # never a password in a config
+        storage("postgresql://boneage:s3cret@db.example:5432/optuna")
+    assert "s3cret" not in str(err.value) and "***" in str(err.value)
     try:
         import psycopg2  # noqa: F401
     except ImportError:  # no PostgreSQL driver here: a config this install cannot use, said clearly
-        with pytest.raises(InputError, match="psycopg2") as err:
-            storage("postgresql://boneage:s3cret@db.example:5432/optuna")
-        assert "s3cret" not in str(err.value) and "***" in str(err.value)
+        with pytest.raises(InputError, match="psycopg2"):
+            storage("postgresql://boneage@db.example:5432/optuna")
 
     storage()  # the default: SQLite in the experiment folder, created
     db = tmp_path / "optuna.db"
@@ -96,9 +98,10 @@ def test_a_locked_study_database_is_not_bad_input(tmp_path):
     import sqlalchemy.exc
 
     from tuning.config import load_search_config
-    from tuning.search import study_storage
+    from tuning.study import open_storage, study_url
 
     cfg = load_search_config(None)
+    study_storage = lambda cfg, folder: open_storage(study_url(cfg, folder))  # noqa: E731
     study_storage(cfg, tmp_path)
     holder = sqlite3.connect(tmp_path / "optuna.db", isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another process holds the database
@@ -182,14 +185,14 @@ SPACE = ["tune.space={learning_rate: {loguniform: [1.0e-5, 1.0e-2]}, frozen_laye
 
 
 def searcher_for(tmp_path, overrides, name="study"):
-    """The search's own OptunaSearch (tuning.search.make_searcher) on a fresh SQLite study."""
+    """The search's own OptunaSearch (tuning.study.make_searcher) on a fresh SQLite study."""
     from tuning.config import load_search_config
-    from tuning.search import make_searcher, study_storage
     from tuning.space import parse_space
+    from tuning.study import make_searcher, study_url
 
     cfg = load_search_config(None, overrides)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return make_searcher(cfg, parse_space(cfg), study_storage(cfg, tmp_path), name)
+    return make_searcher(cfg, parse_space(cfg), study_url(cfg, tmp_path), name, "val_mae", "min")
 
 
 def fake_mae(config) -> float:

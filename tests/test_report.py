@@ -54,7 +54,7 @@ def make_trials(n=len(PARAMS)):
             "trial_id": f"a1b2c_{i:05d}", "status": status, "epochs": 0 if error else len(curve),
             "best_val_mae": np.nan if error else min(curve), "last_val_mae": np.nan if error else curve[-1],
             "val_mae_per_epoch": [] if error else curve, "time_s": 10.5 * (i + 1),
-            "node": "" if error else "10.0.0.1",
+            "node_id": "" if error else "a1b2c3d4e5f6", "host": "" if error else "10.0.0.1",
             **{f"param.{k}": v for k, v in params.items()},
         })
     return pd.DataFrame(rows[::-1])  # unsorted on purpose

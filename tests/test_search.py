@@ -4,16 +4,20 @@ resumed without re-running its finished trials. Each search runs as the real CLI
 import json
 import math
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
+from tests.browser import assert_rendered_page, dump_dom, images_loaded, screenshot, table_column
 from tests.conftest import needs_sample
 
 pytestmark = pytest.mark.slow
@@ -26,6 +30,7 @@ def search_config(tmp_path, phantom_root, points, **tune):
         "data": {"source": "rsna", "root": str(phantom_root), "val_fraction": 0.25, "test_fraction": 0.2},
         "model": {"image_size": 71, "weights": "none"},
         "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 0},
+        "intervals": {"coverage": 0.8},  # the ~8 held-out calibration images allow 80%, not 90%
         "tune": {"storage_path": str(tmp_path / "experiments"), "num_samples": len(points),
                  "max_concurrent_trials": 2, "n_startup_trials": 1, "grace_period": 1,
                  "reduction_factor": 2, "resources": {"cpu": 1, "gpu": 0},
@@ -45,7 +50,8 @@ def run_search(*args, timeout=900):
 @pytest.fixture(scope="session")
 def finished_search(tmp_path_factory, phantom_root):
     tmp_path = tmp_path_factory.mktemp("search")
-    config = search_config(tmp_path, phantom_root, GOOD_RATES + [BAD_RATE])
+    config = search_config(tmp_path, phantom_root, GOOD_RATES + [BAD_RATE], export_ensemble=True,
+                           gallery_size=4, mlflow=True)
     proc = run_search("--config", str(config), "--name", "tiny")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp_path / "experiments" / "tiny", proc.stdout
@@ -53,9 +59,9 @@ def finished_search(tmp_path_factory, phantom_root):
 
 def test_search_writes_every_output(finished_search):
     experiment, stdout = finished_search
-    for name in ["trials.csv", "best_config.yaml", "test_metrics.json", "report.md", "optuna.db",
+    for name in ["trials.csv", "best_config.yaml", "test_metrics.json", "report.md", "report.html", "optuna.db",
                  "search_config.yaml", "summary.json", "model/model.keras", "model/saved_model",
-                 "model/model_card.json", "split_test.csv"]:
+                 "model/model_card.json", "model/intervals.json", "mlflow.db", "split_test.csv"]:
         assert (experiment / name).exists(), name
     assert "validation MAE" in stdout and "GPU-hours" in stdout and "Test" in stdout
     metrics = json.loads((experiment / "test_metrics.json").read_text())
@@ -115,6 +121,116 @@ def test_exported_model_predicts_on_a_real_radiograph(finished_search, sample_ro
     assert math.isfinite(months)
 
 
+def test_html_report_in_a_browser(finished_search, tmp_path):
+    experiment, _ = finished_search
+    report = experiment / "report.html"
+    dom = dump_dom(report.as_uri() + "#sort=-best_val_mae")
+    for section in ["summary", "final-model", "predictions", "variants", "gallery", "search", "trials", "config"]:
+        assert f'id="{section}"' in dom, section
+    # 4 search plots, predictions, intervals, variants and the 4 Grad-CAM overlays, all decoded
+    assert images_loaded(dom) == (11, 11)
+    assert dom.count("<figure>") == 4 and "not available" not in dom
+    maes = [float(v) for v in table_column(dom, "trials-table", "best_val_mae")]
+    assert len(maes) == 4 and maes == sorted(maes, reverse=True)
+    ended = table_column(dom, "trials-table", "ended")
+    assert ended[0] == "stopped by ASHA at the epoch-1 rung"  # the rate that cannot learn
+    assert ended.count("ran all 2 epochs") >= 1
+    for variant in ["single", "single + TTA", "ensemble of 3", "ensemble of 3 + TTA"]:
+        assert f"<td>{variant}</td>" in dom
+    assert f"--config {experiment / 'search_config.yaml'}" in dom
+    png = tmp_path / "report.png"
+    screenshot(report.as_uri(), png, 1280, 900)
+    assert_rendered_page(png, 1280, 900)
+
+
+def test_variants_intervals_and_gallery(finished_search):
+    experiment, _ = finished_search
+    summary = json.loads((experiment / "summary.json").read_text())
+    test = pd.read_csv(experiment / "split_test.csv")
+    variants = {v["name"]: v for v in summary["variants"]}
+    assert list(variants) == ["single", "single + TTA", "ensemble of 3", "ensemble of 3 + TTA"]
+    assert all(v["n"] == len(test) and v["nominal"] == 0.8 and 0 <= v["coverage"] <= 1 for v in variants.values())
+    assert summary["exported"] == "ensemble of 3" and len(summary["members"]) == 2
+    assert summary["best"]["trial_id"] not in summary["members"]
+    table = pd.read_csv(experiment / "final" / "test_intervals.csv")
+    assert len(table) == len(test) and (table["lower"] <= table["predicted"] + 0.01).all()
+    assert (table["predicted"] <= table["upper"] + 0.01).all()
+    inside = ((table["boneage"] >= table["lower"]) & (table["boneage"] <= table["upper"])).mean()
+    assert inside == pytest.approx(summary["test_intervals"]["coverage"], abs=0.01)
+    assert summary["calibration_images"] == summary["intervals"]["counts"][0] >= 4
+    errors = [g["error"] for g in summary["gallery"]]
+    assert len(errors) == 4 and errors == sorted(errors, reverse=True)
+    assert errors[0] == pytest.approx((table["predicted"] - table["boneage"]).abs().max(), abs=0.01)
+
+
+def test_exported_ensemble_serves_intervals_and_explains(finished_search, phantom_root, tmp_path):
+    import tensorflow as tf
+
+    from boneage import data
+
+    experiment, _ = finished_search
+    export = experiment / "model"
+    card = json.loads((export / "model_card.json").read_text())
+    intervals = json.loads((export / "intervals.json").read_text())
+    assert card["intervals"] == intervals and card["model"] == "ensemble of 3"
+    image_dir = data.find_image_dir(phantom_root, "training")
+    test = pd.read_csv(experiment / "split_test.csv", dtype={"id": str})
+    paths = [str(image_dir / f"{i}.png") for i in test["id"][:3]]
+    served = tf.saved_model.load(str(export / "saved_model")).signatures["serving_default"](
+        png=tf.constant([open(p, "rb").read() for p in paths]), male=tf.constant([1.0, 0.0, 1.0]))
+    months, half = served["months"].numpy(), intervals["half_widths"][0]
+    np.testing.assert_allclose(served["lower"].numpy(), np.clip(months - half, 0, 240), atol=1e-3)
+    np.testing.assert_allclose(served["upper"].numpy(), np.clip(months + half, 0, 240), atol=1e-3)
+    overlay = tmp_path / "explained.png"
+    proc = subprocess.run([sys.executable, "-m", "boneage", "predict", str(export), paths[0], "--sex", "M",
+                           "--explain", str(overlay)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"\d+\.\d years \(80% interval \d+\.\d-\d+\.\d\)", proc.stdout), proc.stdout
+    assert overlay.read_bytes().startswith(b"\x89PNG") and overlay.stat().st_size > 5000
+
+
+def test_tensorboard_and_mlflow_see_every_trial(finished_search):
+    import mlflow
+
+    experiment, _ = finished_search
+    trial_dirs = sorted(experiment.glob("run_trial_*"))
+    assert len(trial_dirs) == 4 and all(list(d.glob("events.out.tfevents.*")) for d in trial_dirs)
+    mlflow.set_tracking_uri(f"sqlite:///{experiment / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["tiny"])
+    assert len(runs) == 4
+    assert sorted(runs["params.learning_rate"].astype(float)) == pytest.approx(sorted(GOOD_RATES + [BAD_RATE]))
+    assert runs["metrics.val_mae"].notna().all()
+
+
+def test_optuna_dashboard_serves_the_study(finished_search):
+    import shutil
+    import urllib.request
+
+    experiment, _ = finished_search
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([shutil.which("optuna-dashboard"), f"sqlite:///{experiment / 'optuna.db'}",
+                               "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, page = time.time() + 60, None
+        while time.time() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard/", timeout=5) as response:
+                    page = response.read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert page and "<html" in page.lower(), server.stderr.read().decode()[-2000:] if server.poll() else page
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as response:
+            studies = json.loads(response.read())["study_summaries"]
+        assert [s["study_name"] for s in studies] == ["tiny"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_retrain_only_redoes_the_last_step(finished_search):
     experiment, _ = finished_search
     before = (experiment / "test_metrics.json").stat().st_mtime_ns
@@ -137,7 +253,7 @@ def _finished_trial_results(experiment: Path, epochs: int) -> dict:
 
 def test_resume_finishes_without_rerunning_finished_trials(tmp_path, phantom_root):
     config = search_config(tmp_path, phantom_root, [1.0e-3, 5.0e-4, 2.0e-3], max_concurrent_trials=1,
-                           grace_period=2)
+                           grace_period=2, ensemble_top_k=1, gallery_size=0)  # the report is tested above
     experiment = tmp_path / "experiments" / "interrupted"
     proc = subprocess.Popen([sys.executable, "-m", "tuning.search", "--config", str(config), "--name", "interrupted"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

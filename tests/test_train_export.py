@@ -1,5 +1,6 @@
 """Train -> evaluate -> export -> predict round trip on a small phantom set, and on real radiographs."""
 import json
+import re
 import subprocess
 import sys
 
@@ -26,6 +27,10 @@ def test_run_writes_everything(trained_run):
     assert card["split_sizes"]["train"] == results["train"]["n_train"]
     assert card["data_fingerprint"] and card["packages"]["tensorflow"] == tf.__version__
     assert card["config"]["model"]["image_size"] == 71
+    # intervals calibrated on the validation split, saved with the export, checked on the test split
+    assert card["intervals"]["coverage"] == 0.9 and "validation split" in card["intervals"]["calibration"]
+    assert sum(card["intervals"]["counts"]) == results["train"]["n_val"]
+    assert results["test_intervals"]["n"] == test["n"] and 0 <= results["test_intervals"]["coverage"] <= 1
 
 
 def test_reloaded_export_predicts_like_the_trained_model(trained_run):
@@ -78,6 +83,8 @@ def test_predict_cli_and_bad_image(trained_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)[0]
     assert abs(row["months"] - frame["predicted"][0]) < 0.5 and abs(row["years"] - row["months"] / 12) < 0.01
+    assert row["lower_months"] <= row["months"] <= row["upper_months"]
+    assert re.fullmatch(r"\d+\.\d years \(90% interval \d+\.\d-\d+\.\d\)", row["estimate"]), row
     broken = tmp_path / "broken.png"
     broken.write_bytes(open(path, "rb").read()[:200])
     proc = subprocess.run([sys.executable, "-m", "boneage", "predict", str(out / "export"), str(broken), "--sex", "F"],

@@ -130,3 +130,27 @@ def reserve(gpus: int, cpus: float, wait_s: float, shapes=()):
                            f"(tune.retrain_wait_s); nodes: {_describe(node_shapes())}. The search's results are "
                            f"saved: retrain later with --retrain-only")
     return group
+
+
+def check_storage(exp, token: str, shapes) -> None:
+    """InputError before any trial starts when an alive node on another host cannot read the
+    experiment's storage (a local folder on a cluster of several hosts). Nodes that join later
+    check it before their first trial (tuning.nodecheck)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if exp.remote or len({n["NodeManagerAddress"] for n in nodes}) < 2:
+        return  # s3:// is reachable from anywhere; one host shares its disk
+
+    def problem(_):
+        return exp.storage_problem(token)
+
+    probe = ray.remote(num_cpus=0)(problem)
+    answers = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                       .remote(None) for n in nodes])
+    unreachable = [f"{n['NodeManagerAddress']} ({why})" for n, why in zip(nodes, answers) if why]
+    if unreachable:
+        raise InputError(f"tune.storage_path {exp.storage_path}: not shared with every node of this cluster: "
+                         f"{'; '.join(unreachable)}. Use s3://bucket/path (or a file system mounted at the "
+                         f"same path on every node)")

@@ -42,6 +42,14 @@ class TuneConfig:
     retrain_cpus: float = field(default=0.0, metadata=_range(0.0))  # 0 = every CPU of its node
     retrain_wait_s: float = field(default=900.0, metadata=_range(0.0))  # for a node with the retrain's GPUs
     require_gpu: bool = True  # a trial given a GPU by Ray fails if TensorFlow sees none
+    # Share of the validation split held out of the retrain to calibrate prediction intervals
+    # (no model trains on it); 0 = retrain on all of train + val, no intervals.
+    calibration_fraction: float = field(default=0.5, metadata=_range(0.0, 0.9))
+    ensemble_top_k: int = field(default=3, metadata=_range(1))  # best trials averaged (1 = none)
+    export_ensemble: bool = False  # export the ensemble instead of the single retrained model
+    gallery_size: int = field(default=8, metadata=_range(0))  # worst test predictions, with Grad-CAM
+    mlflow: bool = False  # also log every trial to MLflow (Ray's MLflowLoggerCallback)
+    mlflow_tracking_uri: Optional[str] = None  # None = sqlite:///<experiment>/mlflow.db (offline)
 
 
 @dataclass

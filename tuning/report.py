@@ -5,7 +5,7 @@
     print(format_summary(summary))
 
 `trials`: trial_id, status (completed, stopped_early, error, running), epochs, best_val_mae,
-last_val_mae, val_mae_per_epoch (a list), time_s, node, and `param.<name>` per searched parameter.
+last_val_mae, val_mae_per_epoch (a list), time_s, node_id (Ray's), host, and `param.<name>` per searched parameter.
 `study`: the Optuna study or None. `summary`: name, best {trial_id, val_mae, params, epochs},
 test_metrics (boneage.evaluate's dict) or None, retrain_epochs, predictions_csv, wall_time_s,
 gpu_hours, num_trials, storage. A plot that cannot be drawn is "not available: <reason>" in the
@@ -26,7 +26,7 @@ from boneage.evaluate import format_metrics, plot_predictions
 
 PARAM = "param."
 LIST_COLUMN = "val_mae_per_epoch"
-TEXT_COLUMNS = ("trial_id", "status", "node")
+TEXT_COLUMNS = ("trial_id", "status", "node_id", "host", "ended")
 TOP_TRIALS = 20
 
 
@@ -250,10 +250,11 @@ def _duration(seconds) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s"
 
 
-def write_report(experiment_dir, trials: pd.DataFrame, study, summary: dict) -> Path:
+def draw_plots(experiment_dir, trials: pd.DataFrame, study, summary: dict) -> list[tuple[str, str, str | None]]:
+    """Draw the report's PNGs into experiment_dir: [(file name, title, None or why not)]."""
     out = Path(experiment_dir)
     out.mkdir(parents=True, exist_ok=True)
-    best, test = summary.get("best") or {}, summary.get("test_metrics")
+    best = summary.get("best") or {}
     plots = [
         ("optimization_history.png", "Optimisation history", lambda p: _plot_history(trials, study)),
         ("param_importance.png", "Parameter importance", lambda p: _plot_importance(study)),
@@ -261,10 +262,20 @@ def write_report(experiment_dir, trials: pd.DataFrame, study, summary: dict) -> 
         ("learning_curves.png", "Learning curves", lambda p: _plot_curves(trials, best.get("trial_id"))),
         ("test_predictions.png", "Test predictions", lambda p: _plot_test(p, summary.get("predictions_csv"))),
     ]
+    return [(name, title, _draw(out, name, draw)) for name, title, draw in plots]
+
+
+def write_report(experiment_dir, trials: pd.DataFrame, study, summary: dict, plots=None) -> Path:
+    """report.md; `plots` from draw_plots, drawn here when not given."""
+    out = Path(experiment_dir)
+    plots = draw_plots(out, trials, study, summary) if plots is None else plots
+    best, test = summary.get("best") or {}, summary.get("test_metrics")
     statuses = ", ".join(f"{k} {v}" for k, v in trials["status"].value_counts().items())
     test_mae = "-" if not test else (f"{test['mae']:.2f} months (95% CI {test['mae_ci95'][0]:.2f}-"
                                       f"{test['mae_ci95'][1]:.2f}, n={test['n']})")
-    lines = [f"# Hyperparameter search: {summary.get('name', out.name)}", ""]
+    lines = [f"# Hyperparameter search: {summary.get('name', out.name)}", "",
+             "The full report, with prediction intervals, ensemble and TTA and the worst predictions "
+             "explained by Grad-CAM, is the self-contained [report.html](report.html).", ""]
     lines += _table(["", ""], [
         ("best trial", f"`{best.get('trial_id', '-')}`"),
         ("validation MAE (best trial)", f"{_months(best.get('val_mae'))} months, {_fmt(best.get('epochs'))} epochs"),
@@ -285,8 +296,7 @@ def write_report(experiment_dir, trials: pd.DataFrame, study, summary: dict) -> 
     else:
         lines += ["Not evaluated on the test split (no retrain).", ""]
     lines += ["## Plots", ""]
-    for name, title, draw in plots:
-        reason = _draw(out, name, draw)
+    for name, title, reason in plots:
         lines += [f"### {title}", "", f"![{title}]({name})" if reason is None else f"_not available: {reason}_", ""]
     params = [c for c in trials if c.startswith(PARAM)]
     top = trials.sort_values("best_val_mae", na_position="last", kind="stable").head(TOP_TRIALS)

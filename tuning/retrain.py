@@ -6,8 +6,12 @@ The retrain uses train + validation for as many epochs as the best trial needed 
 best validation MAE, with a cosine schedule (it has no validation set to watch), then is tested
 once on the held-out test split. It runs as a Ray task holding the GPUs it needs, so on a
 cluster it lands on a GPU worker, with every GPU of that node (MirroredStrategy) by default.
+A stratified part of the validation split (`tune.calibration_fraction`) is held out of that
+retrain to calibrate split-conformal prediction intervals, and the retrained model is compared
+with the top-k ensemble and test-time augmentation (`tuning.assess`).
 Writes into the experiment folder: trials.csv, best_config.yaml, test_metrics.json, model/
-(the export), final/ (history, predictions) and report.md with its plots.
+(the export, with intervals), final/ (history, predictions, variants, Grad-CAM gallery),
+report.md with its plots and the self-contained report.html.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from boneage.config import from_dict, save_config, write_atomic
@@ -38,14 +43,32 @@ def collect_trials(results, cfg: SearchConfig) -> pd.DataFrame:
                "epochs": epochs, "best_val_mae": min(curve) if curve else math.nan,
                "last_val_mae": curve[-1] if curve else math.nan, "val_mae_per_epoch": curve,
                "time_s": float(result.metrics.get("time_total_s", 0.0) or 0.0),
-               "node": str(result.metrics.get("node", ""))}
+               "node_id": str(result.metrics.get("node_id", "")), "host": str(result.metrics.get("host", ""))}
         params = {k: v for k, v in (result.config or {}).items() if k in cfg.tune.space}
         row.update({f"param.{k}": v for k, v in params.items()})
         row["best_epoch"] = int(result.metrics.get("best_epoch", 0) or 0)
+        row["ended"] = end_reason(result, status, epochs, cfg)
         rows.append(row)
     if not rows:
         raise InputError("the search produced no trials")
     return pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
+
+
+def end_reason(result, status: str, epochs: int, cfg: SearchConfig) -> str:
+    """Why a trial ended, for the report: its error, all epochs, or which stop it met.
+    ASHA stops trials only at its rungs (grace_period * reduction_factor^k epochs)."""
+    if status == "error":
+        lines = str(result.error).strip().splitlines() or ["unknown error"]
+        return "error: " + lines[-1][:160]
+    if status == "completed":
+        return f"ran all {epochs} epochs"
+    rungs, rung = set(), float(cfg.tune.grace_period)
+    while rung < cfg.train.epochs:
+        rungs.add(int(round(rung)))
+        rung *= cfg.tune.reduction_factor
+    if epochs in rungs:
+        return f"stopped by ASHA at the epoch-{epochs} rung"
+    return f"stopped after epoch {epochs}: early stopping or the search's time budget"
 
 
 def best_config(cfg: SearchConfig, trials: pd.DataFrame) -> tuple[SearchConfig, pd.Series]:
@@ -64,8 +87,10 @@ def best_config(cfg: SearchConfig, trials: pd.DataFrame) -> tuple[SearchConfig, 
     return tuned, best
 
 
-def retrain_best(cfg_dict: dict, splits, local_dir: str) -> dict:
-    """Runs inside a Ray task: set TensorFlow up for the task's resources, then retrain_and_export."""
+def retrain_best(cfg_dict: dict, splits, exp, checkpoints=()) -> dict:
+    """Runs inside a Ray task, on any node: set TensorFlow up for the task's resources, then
+    retrain_and_export into the experiment's storage (final/ and model/). `checkpoints`:
+    [(trial_id, Checkpoint)] of the next-best trials, the ensemble's other members."""
     import ray
 
     from tuning.trainable import setup_process
@@ -76,35 +101,63 @@ def retrain_best(cfg_dict: dict, splits, local_dir: str) -> dict:
     gpu_ids = context.get_accelerator_ids().get("GPU", [])
     setup = setup_process(cfg, max(1, int(assigned.get("CPU", 1))), float(assigned.get("GPU", 0.0)), gpu_ids,
                           what="retrain")
-    results = retrain_and_export(cfg, splits, Path(local_dir))
-    return {**results, "node": socket.gethostname(), "gpus": len(gpu_ids), "tensorflow_gpus": setup.gpus}
+    with exp.writer("final", "model") as folder:
+        results = retrain_and_export(cfg, splits, folder, checkpoints)
+    return {**results, "node": socket.gethostname(), "node_id": context.get_node_id(), "gpus": len(gpu_ids),
+            "tensorflow_gpus": setup.gpus}
 
 
-def retrain_and_export(cfg: SearchConfig, splits, local_dir: Path) -> dict:
-    """Train on train + val (mirrored over every GPU of the process), test, export to
-    local_dir/model; history and test predictions in local_dir/final."""
+def retrain_and_export(cfg: SearchConfig, splits, local_dir: Path, checkpoints=()) -> dict:
+    """Train on train + val less the calibration part (mirrored over every GPU of the process),
+    compare with the ensemble and TTA and calibrate the intervals (tuning.assess), test, export
+    to local_dir/model; history, test predictions, variants and the gallery in local_dir/final."""
     from boneage.evaluate import evaluate
     from boneage.export import export_model
     from boneage.splits import Splits
     from boneage.train import train
+    from tuning.assess import assess, load_members, split_calibration
 
-    combined = Splits(pd.concat([splits.train, splits.val], ignore_index=True), splits.val.iloc[:0],
-                      splits.test, splits.fingerprint, splits.root)
+    val_rest, calibration = split_calibration(splits.val, cfg.tune.calibration_fraction, cfg.data.split_seed)
+    combined = Splits(pd.concat([splits.train, val_rest], ignore_index=True), splits.val.iloc[:0],
+                      splits.test, splits.fingerprint, splits.root, splits.labels_fingerprint)
     final_dir = local_dir / "final"
     started = time.time()
     metrics, model = train(cfg, combined, out_dir=final_dir)
-    test = evaluate(model, splits.test, metrics["age_mean"], cfg.train.batch_size, cfg.train.tta,
+    members = load_members(checkpoints, int(model.inputs[0].shape[1]))
+    assessed = assess(cfg, model, members, calibration, splits.test, final_dir, metrics["age_mean"]) \
+        if len(splits.test) else {"export_model": model, "intervals": None, "exported": "single"}
+    exported = assessed.pop("export_model")
+    test = evaluate(exported, splits.test, metrics["age_mean"], cfg.train.batch_size, cfg.train.tta,
                     final_dir, "test") if len(splits.test) else None
-    export_model(model, local_dir / "model", {
+    trained_on = f"train + val ({len(combined.train)} images)" + (
+        f", {len(calibration)} validation images held out to calibrate the intervals" if len(calibration) else "")
+    export_model(exported, local_dir / "model", {
         "config": dataclasses.asdict(cfg), "data_fingerprint": splits.fingerprint, "split_sizes": splits.sizes(),
-        "trained_on": "train + val", "metrics": {"test": test},
-        "training": {k: metrics[k] for k in ("replicas", "global_batch_size", "phases", "epochs_run")}})
+        "trained_on": trained_on, "model": assessed["exported"], "ensemble_members": assessed.get("members"),
+        "metrics": {"test": test, "test_intervals": assessed.get("test_intervals"),
+                    "variants": assessed.get("variants")},
+        "training": {k: metrics[k] for k in ("replicas", "global_batch_size", "phases", "epochs_run")}},
+        assessed["intervals"])
+    assessed["intervals"] = assessed["intervals"] and assessed["intervals"].to_dict()
     return {"test_metrics": test, "epochs": metrics["epochs_run"], "replicas": metrics["replicas"],
             "global_batch_size": metrics["global_batch_size"], "phases": metrics["phases"],
-            "seconds": time.time() - started}
+            "seconds": time.time() - started, "calibration_images": len(calibration),
+            "trained_on": trained_on, **assessed}
 
 
-def run_retrain(tuned: SearchConfig, splits, local_dir: Path) -> dict:
+def member_checkpoints(results, trials: pd.DataFrame, best_id: str, k: int) -> list:
+    """[(trial_id, Checkpoint)] of the k-1 best trials after `best_id` that left a checkpoint,
+    leaving out any whose validation MAE is over twice the best's (a diverged trial would
+    spoil the average rather than help it)."""
+    by_id = {str(r.metrics.get("trial_id", Path(r.path).name)): r for r in results}
+    finished = trials[np.isfinite(trials["best_val_mae"].to_numpy(float))]
+    finished = finished[finished["best_val_mae"] <= 2 * finished["best_val_mae"].min()]
+    ranked = finished.sort_values("best_val_mae", kind="stable")["trial_id"]
+    found = [(t, by_id[t].checkpoint) for t in ranked if t != best_id and t in by_id and by_id[t].checkpoint]
+    return found[:max(k - 1, 0)]
+
+
+def run_retrain(tuned: SearchConfig, splits, exp, checkpoints=()) -> dict:
     """The retrain as a Ray task on one node holding its GPUs (waiting for such a node if an
     autoscaler must start one first)."""
     import ray
@@ -119,16 +172,21 @@ def run_retrain(tuned: SearchConfig, splits, local_dir: Path) -> dict:
     try:
         task = ray.remote(num_cpus=cpus, num_gpus=gpus)(retrain_best).options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0))
-        return ray.get(task.remote(dataclasses.asdict(tuned), splits, str(local_dir)))
+        return ray.get(task.remote(dataclasses.asdict(tuned), splits, exp, list(checkpoints)))
     finally:
         remove_placement_group(group)
 
 
-def finish(cfg: SearchConfig, name: str, local_dir: Path, storage_path: str, results, splits,
-           started: float) -> dict:
-    from tuning.report import format_summary, write_report, write_trials_csv
-    from tuning.search import STUDY_DB, study_storage
+def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
+    """Collect the trials, retrain the best, write the reports, publish it all into the storage."""
+    import optuna
 
+    from tuning.experiment import SEARCH_CONFIG
+    from tuning.html_report import write_html_report
+    from tuning.report import draw_plots, format_summary, write_report, write_trials_csv
+    from tuning.study import STUDY_DB, StudySync, open_storage, study_url
+
+    local_dir = exp.local_dir
     search_seconds = time.time() - started
     trials = collect_trials(results, cfg)
     write_trials_csv(trials, local_dir / "trials.csv")
@@ -139,16 +197,17 @@ def finish(cfg: SearchConfig, name: str, local_dir: Path, storage_path: str, res
     if cfg.tune.retrain:
         print(f"retraining the best config ({best['trial_id']}, val MAE {best['best_val_mae']:.2f}) "
               f"for {tuned.train.epochs} epochs on train + val ...")
-        retrained = run_retrain(tuned, splits, local_dir)
+        members = member_checkpoints(results, trials, best["trial_id"], cfg.tune.ensemble_top_k)
+        retrained = run_retrain(tuned, splits, exp, members)
         print(f"retrained on {retrained['node']} with {retrained['gpus']} GPU(s), {retrained['replicas']} "
               f"replica(s), global batch {retrained['global_batch_size']}")
+        exp.fetch("final")  # written on the retrain's node, into the storage
         write_atomic(local_dir / "test_metrics.json", json.dumps(retrained["test_metrics"], indent=2))
         gpu_seconds += retrained["seconds"] * retrained["gpus"]
-    import optuna
-
-    study = optuna.load_study(study_name=name, storage=study_storage(cfg, local_dir))
+    url = study_url(cfg, local_dir)
+    study = optuna.load_study(study_name=exp.name, storage=open_storage(url))
     summary = {
-        "name": name, "num_trials": len(trials), "storage": str(local_dir),
+        "name": exp.name, "num_trials": len(trials), "storage": exp.uri,
         "best": {"trial_id": best["trial_id"], "val_mae": float(best["best_val_mae"]),
                  "params": {k[6:]: best[k] for k in trials.columns if k.startswith("param.")},
                  "epochs": int(best["epochs"])},
@@ -158,30 +217,54 @@ def finish(cfg: SearchConfig, name: str, local_dir: Path, storage_path: str, res
         "predictions_csv": str(local_dir / "final" / "test_predictions.csv") if retrained else None,
         "wall_time_s": time.time() - started, "search_time_s": search_seconds,
         "gpu_hours": gpu_seconds / 3600.0,
+        "reproduce": f"python -m tuning.search --config {local_dir / SEARCH_CONFIG} --name {exp.name}-again",
+        "split_sizes": splits.sizes(), "final_dir": str(local_dir / "final") if retrained else None,
+        **{k: retrained.get(k) for k in ("variants", "intervals", "test_intervals", "gallery", "exported",
+                                          "members", "trained_on", "calibration_images") if retrained},
     }
-    write_report(local_dir, trials, study, summary)
+    plots = draw_plots(local_dir, trials, study, summary)
+    write_report(local_dir, trials, study, summary, plots)
+    write_html_report(local_dir, trials, study, summary, plots)
     write_atomic(local_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-    if "://" in storage_path:
-        import pyarrow.fs
-
-        pyarrow.fs.copy_files(str(local_dir), f"{storage_path.rstrip('/')}/{name}/outputs")
+    if exp.remote:
+        StudySync(exp, url).sync()
+        exp.publish(sorted(p.name for p in local_dir.iterdir() if p.name not in (STUDY_DB, "final", "model")))
     print(format_summary(summary))
-    print(f"Optuna dashboard: optuna-dashboard sqlite:///{local_dir / STUDY_DB}")
+    if summary.get("test_intervals"):
+        cover = summary["test_intervals"]
+        print(f"Prediction intervals ({cover['nominal']:.0%}): {cover['coverage']:.0%} of the test ages inside, "
+              f"mean width {cover['mean_width']:.1f} months")
+    for variant in summary.get("variants") or []:
+        print(f"  {variant['name']:<22} test MAE {variant['mae']:.2f} "
+              f"({variant['mae_ci95'][0]:.2f}-{variant['mae_ci95'][1]:.2f})")
+    print(f"Report: {local_dir / 'report.html'}")
+    if not cfg.tune.optuna_storage:
+        print(f"Optuna dashboard: optuna-dashboard sqlite:///{local_dir / STUDY_DB}")
+    print(f"TensorBoard: tensorboard --logdir {local_dir}")
     return summary
 
 
-def retrain_only(experiment_dir: Path, address: str | None = None) -> dict:
+def retrain_only(location: str, address: str | None = None) -> dict:
+    """Redo the retrain, test, export and report of the experiment at a folder or URI."""
     from boneage.splits import load_splits
     from tuning.config import load_search_config
-    from tuning.search import SEARCH_CONFIG, experiment_paths, make_tuner, start_ray
+    from tuning.experiment import SEARCH_CONFIG, Experiment
+    from tuning.nodecheck import NodeExpectations, code_version
+    from tuning.search import images_here, make_tuner, start_ray
+    from tuning.study import STUDY_DB
 
-    experiment_dir = experiment_dir.expanduser().resolve()
-    if not (experiment_dir / SEARCH_CONFIG).is_file():
-        raise InputError(f"--retrain-only: {experiment_dir} is not an experiment folder (no {SEARCH_CONFIG})")
-    cfg = load_search_config(experiment_dir / SEARCH_CONFIG)
-    name = experiment_dir.name
-    storage_path, _ = experiment_paths(cfg, name)
-    splits = load_splits(cfg.data)
+    exp = Experiment.at(location)
+    try:
+        found = exp.fetch(SEARCH_CONFIG)
+    except InputError:
+        found = False
+    if not found:
+        raise InputError(f"--retrain-only: {location} is not an experiment (no {SEARCH_CONFIG})")
+    exp.fetch(STUDY_DB)
+    cfg = load_search_config(exp.local_dir / SEARCH_CONFIG)
+    splits = load_splits(cfg.data, images=images_here(cfg, address))
     start_ray(address)
-    results = make_tuner(cfg, name, splits, resume=True).get_results()
-    return finish(cfg, name, experiment_dir, storage_path, results, splits, time.time())
+    expected = NodeExpectations(exp.uri, exp.mark_storage(), splits.fingerprint, splits.labels_fingerprint,
+                                code_version())
+    results = make_tuner(cfg, exp, splits, expected, resume=True).get_results()
+    return finish(cfg, exp, results, splits, time.time())

@@ -2,16 +2,19 @@
 
     python -m tuning.search --config configs/demo.yaml               # CPU demo, ~10 minutes
     python -m tuning.search --config configs/local.yaml              # one GPU, shared by trials
-    python -m tuning.search --config configs/default.yaml --address auto   # a `ray up` cluster
+    python -m tuning.search --config configs/cluster.yaml --address auto   # a `ray up` cluster
     python -m tuning.search --config configs/demo.yaml --resume --name demo-20261201-101500
-    python -m tuning.search --retrain-only experiments/demo-20261201-101500
+    python -m tuning.search --retrain-only experiments/demo-20261201-101500   # or s3://.../NAME
 
 Ray Tune runs the trials (`tuning.trainable`), Optuna's TPE picks their hyperparameters from
-`tune.space` (`tuning.space`), and ASHA stops the weak ones early on validation MAE. The Optuna
-study lives in SQLite inside the experiment folder (or at `tune.optuna_storage`, e.g.
-PostgreSQL on a cluster), so `optuna-dashboard sqlite:///EXPERIMENT/optuna.db` shows it and a
-resumed search continues it. The driver validates the config and the data, then leaves all
-TensorFlow work to Ray workers.
+`tune.space` (`tuning.space`), and ASHA stops the weak ones early on validation MAE. The
+experiment lives in `tune.storage_path` (a folder, a shared file system or s3://; see
+`tuning.experiment`), the Optuna study in SQLite inside it (copied into s3:// storage after
+every trial) or at `tune.optuna_storage` (see `tuning.study`), so a resumed search continues it,
+on a fresh head too. `tensorboard --logdir EXPERIMENT` shows every trial's curves, and
+`tune.mlflow: true` logs the trials to MLflow too (`tuning.tracking`). The driver validates
+the config, the data and the cluster, then leaves all TensorFlow work to Ray workers; on a
+cluster, Ray ships the driver's code to them.
 """
 from __future__ import annotations
 
@@ -22,132 +25,49 @@ import sys
 import time
 from pathlib import Path
 
+import boneage
+import tuning
 from boneage.errors import EXIT_BAD_INPUT, InputError
 from tuning import cluster
 from tuning.config import SearchConfig, load_search_config
+from tuning.experiment import SEARCH_CONFIG, Experiment, experiment_names, resolve_paths
 
 METRIC, MODE = "val_mae", "min"
 EXIT_INTERRUPTED = 130
-STUDY_DB = "optuna.db"
-SEARCH_CONFIG = "search_config.yaml"
 
 
 class SearchInterrupted(Exception):
     """Ray Tune stopped on Ctrl-C (or SIGINT) with trials unfinished; the state is saved."""
 
 
-def experiment_paths(cfg: SearchConfig, name: str) -> tuple[str, Path]:
-    """(Ray storage path, local experiment folder). For `s3://` storage, results that are
-    not Ray's (report, study, model) are made in a local folder and uploaded at the end."""
-    storage = cfg.tune.storage_path
-    if "://" in storage:
-        return storage, Path.home() / "boneage-experiments" / name
-    storage = str(Path(storage).expanduser().resolve())
-    return storage, Path(storage) / name
-
-
-def study_storage(cfg: SearchConfig, local_dir: Path):
-    """The Optuna storage. A URL that cannot name a usable database is bad input (status 2); a
-    database that is there but fails (locked, unreachable, a newer schema) raises as it is."""
-    import optuna
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    url = cfg.tune.optuna_storage or f"sqlite:///{local_dir / STUDY_DB}"
-    try:
-        parsed = make_url(url)
-    except ArgumentError as err:
-        raise InputError(f"tune.optuna_storage: {url!r} is not a database URL ({err})") from None
-    shown = parsed.render_as_string(hide_password=True)  # never print a password
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        folder = Path(parsed.database).expanduser().absolute().parent
-        if not folder.is_dir():
-            raise InputError(f"tune.optuna_storage: {shown}: folder {folder} does not exist")
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=None)
-    except ArgumentError as err:  # e.g. NoSuchModuleError: an unknown kind of database
-        raise InputError(f"tune.optuna_storage: cannot use {shown}: {err}") from None
-    except ImportError as err:  # Optuna: this kind of database has no driver installed here
-        raise InputError(f"tune.optuna_storage: {shown}: {err} (for PostgreSQL: pip install "
-                         f"psycopg2-binary; for MySQL: pip install pymysql)") from None
-
-
-def fail_running_trials(storage, study_name: str) -> int:
-    """After a crash the study still says RUNNING for the trials that were in flight: mark
-    them failed, so TPE does not wait on them and the dashboard tells the truth."""
-    import optuna
-
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        return 0
-    running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
-    for trial in running:
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-    return len(running)
-
-
-def make_searcher(cfg: SearchConfig, space: dict, storage, study_name: str):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    class StudySearch(OptunaSearch):
-        """OptunaSearch that copes with a trial whose study entry was closed meanwhile (marked
-        failed after a crash, then resumed from its checkpoint by Ray): its epochs are not
-        reported to the closed entry, and its final result is added as a new finished trial."""
-
-        def _closed(self, trial_id) -> bool:
-            ot_trial = self._ot_trials.get(trial_id)
-            return ot_trial is not None and self._ot_study._storage.get_trial(
-                ot_trial._trial_id).state.is_finished()
-
-        def on_trial_result(self, trial_id, result):
-            if not self._closed(trial_id):
-                super().on_trial_result(trial_id, result)
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            value = (result or {}).get(self.metric)
-            if self._closed(trial_id) and trial_id not in self._completed_trials:
-                if value is not None and not error:
-                    ot_trial = self._ot_trials[trial_id]
-                    self._ot_study.add_trial(optuna.trial.create_trial(
-                        params=ot_trial.params, distributions=ot_trial.distributions, value=value))
-                self._completed_trials.add(trial_id)
-                return
-            super().on_trial_complete(trial_id, result=result, error=error)
-
-    # constant_liar: trials still running count as bad results, so concurrent trials do not all
-    # get the same suggestion (Optuna 5 defaults to it; set here so an older Optuna does too).
-    sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.n_startup_trials,
-                                         constant_liar=True)
-    return StudySearch(space=space, metric=METRIC, mode=MODE, sampler=sampler, study_name=study_name,
-                       storage=storage, points_to_evaluate=list(cfg.tune.points_to_evaluate) or None)
-
-
-def make_tuner(cfg: SearchConfig, name: str, splits, resume: bool):
+def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from tuning.budget import GpuHourBudget
+    from tuning.nodecheck import NodeCheckWatch
     from tuning.space import parse_space
+    from tuning.study import StudySync, fail_running_trials, make_searcher, open_storage, study_url
+    from tuning.tracking import tracking_callbacks
     from tuning.trainable import run_trial
 
-    storage_path, local_dir = experiment_paths(cfg, name)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=dataclasses.asdict(cfg), splits=splits),
+        tune.with_parameters(run_trial, base=dataclasses.asdict(cfg), splits=splits, expected=expected),
         {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu})
+    url = study_url(cfg, exp.local_dir)
     if resume:
-        path = f"{storage_path.rstrip('/')}/{name}"
-        if not tune.Tuner.can_restore(path):
-            raise InputError(f"--resume: no experiment to resume at {path}")
-        failed = fail_running_trials(study_storage(cfg, local_dir), name)
+        if not tune.Tuner.can_restore(exp.uri):
+            raise InputError(f"--resume: no experiment to resume at {exp.uri}")
+        failed = fail_running_trials(open_storage(url), exp.name)
         if failed:
             print(f"marked {failed} trial(s) left running in the Optuna study as failed")
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(exp.uri, trainable, resume_unfinished=True, resume_errored=True)
     scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
                               reduction_factor=cfg.tune.reduction_factor)
-    searcher = make_searcher(cfg, parse_space(cfg), study_storage(cfg, local_dir), name)
-    stoppers = GpuHourBudget(cfg.tune.gpu_hours_budget, cfg.tune.resources.gpu) if cfg.tune.gpu_hours_budget else None
+    searcher = make_searcher(cfg, parse_space(cfg), url, exp.name, METRIC, MODE)
+    stoppers = [NodeCheckWatch()]
+    if cfg.tune.gpu_hours_budget:
+        stoppers.append(GpuHourBudget(cfg.tune.gpu_hours_budget, cfg.tune.resources.gpu))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -155,7 +75,9 @@ def make_tuner(cfg: SearchConfig, name: str, splits, resume: bool):
             num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials or None,
             time_budget_s=cfg.tune.time_budget_s or None, reuse_actors=False),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, stop=stoppers,
+            name=exp.name, storage_path=exp.storage_path, stop=tune.stopper.CombinedStopper(*stoppers),
+            callbacks=stoppers[:1] + ([StudySync(exp, url)] if exp.remote else [])
+                      + tracking_callbacks(cfg, exp.name, exp.local_dir),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
 
@@ -173,48 +95,83 @@ def default_name(args, cfg: SearchConfig) -> str:
     stem = Path(args.config).stem if args.config else "search"
     if not args.resume:
         return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    # --resume without --name: the newest experiment of this config
-    root = Path(experiment_paths(cfg, stem)[1]).parent
-    candidates = sorted(root.glob(f"{stem}-*"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    if not candidates:
-        raise InputError(f"--resume: no experiment named {stem}-* in {root}; pass --name")
-    return candidates[-1].name
+    names = experiment_names(cfg, stem)  # --resume without --name: the newest of this config
+    if not names:
+        raise InputError(f"--resume: no experiment named {stem}-* in {cfg.tune.storage_path}; pass --name")
+    return names[-1]
 
 
 def start_ray(address: str | None) -> None:
+    """Start Ray here, or join the cluster at `address`. On a cluster every worker runs the
+    driver's `boneage` and `tuning` (shipped as runtime_env py_modules), not whatever version
+    its image holds."""
     import ray
 
     quiet = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
     os.environ.update(quiet)  # local workers inherit the driver's environment
     # Checkpointing every epoch with num_to_keep=1 is deliberate; Tune warns about it each time.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ray.init(address=address, runtime_env={"env_vars": quiet}, log_to_driver=True,
+    runtime_env = {"env_vars": quiet}
+    if address:
+        runtime_env["py_modules"] = [str(Path(boneage.__file__).parent), str(Path(tuning.__file__).parent)]
+    # "local": a new Ray of our own, never one that `ray start` left running on this machine
+    ray.init(address=address or "local", runtime_env=runtime_env, log_to_driver=True,
              include_dashboard=False, configure_logging=False)
+
+
+def images_here(cfg: SearchConfig, address: str | None) -> bool:
+    """Whether the driver checks the images itself: always, except on a cluster whose head
+    holds only the label CSV (images staged on the workers, which check them)."""
+    from boneage import data
+
+    if not address or cfg.data.source == "phantom":
+        return True
+    try:
+        data.find_image_dir(Path(cfg.data.root), "training")
+        return True
+    except InputError:
+        print(f"data: no images under {cfg.data.root} here: checking the labels here, the images on each node")
+        return False
 
 
 def search(cfg: SearchConfig, name: str, address: str | None = None, resume: bool = False) -> dict:
     """Run (or resume) the search, then retrain, test, export and report. Returns the summary."""
     from boneage.config import save_config
     from boneage.splits import load_splits
+    from tuning.nodecheck import MARK, NodeExpectations, code_version
     from tuning.retrain import finish
+    from tuning.study import STUDY_DB
 
-    storage_path, local_dir = experiment_paths(cfg, name)
-    local_dir.mkdir(parents=True, exist_ok=True)
-    if resume and (local_dir / SEARCH_CONFIG).is_file():
-        cfg = load_search_config(local_dir / SEARCH_CONFIG)  # resume exactly what was started
-    save_config(cfg, local_dir / SEARCH_CONFIG)
-    print(f"experiment {name}: results in {local_dir}" + (f" and {storage_path}/{name}" if "://" in storage_path else ""))
-    splits = load_splits(cfg.data)
-    splits.save(local_dir)
+    resolve_paths(cfg)
+    exp = Experiment.create(cfg, name)
+    if resume:  # resume exactly what was started; a fresh head fetches it from the storage
+        if not exp.fetch(SEARCH_CONFIG):
+            raise InputError(f"--resume: no experiment {name} in {cfg.tune.storage_path}")
+        exp.fetch(STUDY_DB)
+        cfg = load_search_config(exp.local_dir / SEARCH_CONFIG)
+    splits = load_splits(cfg.data, images=images_here(cfg, address))
+    exp.local_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, exp.local_dir / SEARCH_CONFIG)
+    splits.save(exp.local_dir)
+    print(f"experiment {name}: results in {exp.local_dir}" + (f" and {exp.uri}" if exp.remote else ""))
     print(f"data: {splits.sizes()} images from {splits.root}")
     started = time.time()
     start_ray(address)
-    cluster.check_fits(cfg, cluster.node_shapes())
-    results = make_tuner(cfg, name, splits, resume).fit()
+    shapes = cluster.node_shapes()
+    cluster.check_fits(cfg, shapes)
+    token = exp.mark_storage()
+    exp.publish([SEARCH_CONFIG, "split_train.csv", "split_val.csv", "split_test.csv"])
+    cluster.check_storage(exp, token, shapes)
+    expected = NodeExpectations(exp.uri, token, splits.fingerprint, splits.labels_fingerprint, code_version())
+    results = make_tuner(cfg, exp, splits, expected, resume).fit()
+    node_failures = [str(r.error) for r in results if r.error and MARK in str(r.error)]
+    if node_failures:
+        message = node_failures[0][node_failures[0].index(MARK):].splitlines()[0]
+        raise InputError(f"{message}\nThe search stopped; fix the node, then continue with --resume --name {name}")
     if unfinished_trials(results):
         raise SearchInterrupted(f"search {name} was interrupted; its state is saved. Continue it with:\n"
                                 f"  python -m tuning.search --config CONFIG --resume --name {name}")
-    return finish(cfg, name, local_dir, storage_path, results, splits, started)
+    return finish(cfg, exp, results, splits, started)
 
 
 def main(argv=None) -> int:
@@ -232,7 +189,7 @@ def main(argv=None) -> int:
         if args.retrain_only:
             from tuning.retrain import retrain_only
 
-            retrain_only(Path(args.retrain_only), args.address)
+            retrain_only(args.retrain_only, args.address)
             return 0
         if not args.config:
             raise InputError("--config is required (e.g. --config configs/demo.yaml)")

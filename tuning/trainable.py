@@ -77,26 +77,28 @@ def _make_reporter(every: int, resume, extra: dict):
                 self.best, self.best_epoch = val_mae, epoch + 1
             metrics = {"val_mae": val_mae, "train_mae": logs.get("mae"), "loss": logs.get("loss"),
                        "epoch": epoch + 1, "best_val_mae": self.best, "best_epoch": self.best_epoch,
-                       "learning_rate": logs.get("learning_rate"), "node": socket.gethostname(), **extra}
+                       "learning_rate": logs.get("learning_rate"), "host": socket.gethostname(), **extra}
             if (epoch + 1) % every:
                 tune.report(metrics)
                 return
             with tempfile.TemporaryDirectory() as folder:
                 self.model.save(Path(folder) / CHECKPOINT_MODEL)
                 state = {"epoch": epoch + 1, "best_val_mae": self.best, "best_epoch": self.best_epoch,
-                         "history": self.history}
+                         "history": self.history, "node_id": extra.get("node_id")}
                 (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps(state))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     return ReportToTune()
 
 
-def run_trial(params: dict, base: dict, splits) -> None:
-    """Train the base config with this trial's `params`; Ray calls it in the worker process."""
+def run_trial(params: dict, base: dict, splits, expected) -> None:
+    """Train the base config with this trial's `params`; Ray calls it in the worker process,
+    after checking that this node has what the driver expects (`tuning.nodecheck`)."""
     import ray
 
     from boneage.config import from_dict
     from tuning.config import SearchConfig
+    from tuning.nodecheck import check_node
     from tuning.space import apply_params
 
     cpus = max(1, int(_assigned("CPU")))
@@ -105,6 +107,7 @@ def run_trial(params: dict, base: dict, splits) -> None:
     cfg = apply_params(from_dict(SearchConfig, base), params)
     cfg.train.intra_op_threads, cfg.train.inter_op_threads = cpus, min(2, cpus)
     cfg.train.verbose = 0  # Ray's trial table is the progress display
+    check_node(expected, cfg)
     setup = setup_process(cfg, cpus, gpu_share, gpu_ids)
 
     from boneage.train import Resume, train
@@ -118,7 +121,7 @@ def run_trial(params: dict, base: dict, splits) -> None:
         state = json.loads((local / CHECKPOINT_STATE).read_text())
         resume = Resume(str(local / CHECKPOINT_MODEL), state["epoch"], state["best_val_mae"],
                         state["best_epoch"], state["history"])
-    extra = {"gpu_share": gpu_share, "gpu_ids": ",".join(map(str, gpu_ids)),
+    extra = {"node_id": ray.get_runtime_context().get_node_id(), "gpu_share": gpu_share, "gpu_ids": ",".join(map(str, gpu_ids)),
              "gpu_memory_cap_mib": setup.memory_limit_mb or 0, "tensorflow_gpus": setup.gpus}
     try:
         train(cfg, splits, callbacks=[_make_reporter(cfg.tune.checkpoint_every, resume, extra)], resume=resume)

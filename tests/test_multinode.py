@@ -1,0 +1,170 @@
+"""A search across nodes, for real on one machine: a Ray cluster of a head and two worker nodes
+(each advertising 2 CPUs and 1 logical GPU), the experiment in s3:// storage served by a local
+S3 server (moto, on 127.0.0.1), and a worker node removed while its trial runs.
+
+Checks: trials ran on both workers (Ray node ids in trials.csv), half-GPU trials at most two to
+a node, the trial on the lost node went on from its checkpoint on the other node (its epochs
+continue, never restart), the search finished with every trial accounted for, and every output
+(study, report, retrained model) is in the storage; `--retrain-only` then works from the
+storage alone, as on a fresh head."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).parent.parent
+BUCKET = "boneage-test"
+RATES = [1e-3, 2e-3, 5e-4, 1.5e-3]
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A local S3 server and the environment that points pyarrow (Ray's storage, ours) at it."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield env
+    server.stop()
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="module")
+def three_nodes(s3_env):
+    """Head (no CPUs: trials never land there) + two workers with 2 CPUs and 1 logical GPU."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    cluster.shutdown()
+
+
+def s3_fs():
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
+
+
+def s3_files(prefix: str) -> list[str]:
+    import pyarrow.fs
+
+    infos = s3_fs().get_file_info(pyarrow.fs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+    return [i.path[len(BUCKET) + len(prefix) + 2:] for i in infos if i.type == pyarrow.fs.FileType.File]
+
+
+def s3_read(path: str) -> str:
+    with s3_fs().open_input_stream(f"{BUCKET}/{path}") as f:
+        return f.read().decode()
+
+
+def trials_on(node_id: str, experiment: str) -> list[dict]:
+    """Trials whose last result the driver has recorded (and synced into the storage) came
+    from `node_id`, with a checkpoint of that epoch in the storage: killing the node now must
+    cost at most the epoch in progress."""
+    found = []
+    files = s3_files(experiment)
+    for path in (p for p in files if p.endswith("/result.json")):
+        trial = path.split("/")[0]
+        try:
+            last = json.loads(s3_read(f"{experiment}/{path}").strip().splitlines()[-1])
+        except (OSError, ValueError, IndexError):  # not there yet, or an upload in flight
+            continue
+        checkpoint = f"{trial}/checkpoint_{last['epoch'] - 1:06d}/state.json"
+        if last.get("node_id") == node_id and last["epoch"] < EPOCHS and checkpoint in files:
+            found.append({"trial": trial, "epoch": last["epoch"]})
+    return found
+
+
+def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_root):
+    cluster, workers = three_nodes
+    name = "multinode"
+    experiment = f"experiments/{name}"
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"source": "rsna", "root": str(phantom_root), "val_fraction": 0.25, "test_fraction": 0.2},
+        "model": {"image_size": 71, "weights": "none"},
+        "train": {"epochs": EPOCHS, "batch_size": 16, "early_stopping_patience": 0, "schedule": "cosine"},
+        "tune": {"storage_path": f"s3://{BUCKET}/experiments", "num_samples": len(RATES),
+                 "max_concurrent_trials": 0, "n_startup_trials": 1, "grace_period": EPOCHS, "max_failures": 2,
+                 "resources": {"cpu": 1, "gpu": 0.5}, "require_gpu": False,  # logical GPUs: TF sees none
+                 "space": {"learning_rate": {"loguniform": [1.0e-4, 1.0e-2]}},
+                 "points_to_evaluate": [{"learning_rate": lr} for lr in RATES]}}))
+    driver = subprocess.Popen([sys.executable, "-m", "tuning.search", "--config", str(config), "--name", name,
+                               "--address", cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    try:
+        lost = workers[1]
+        deadline = time.time() + 900
+        while time.time() < deadline and driver.poll() is None:
+            running = trials_on(lost.node_id, experiment)
+            if running:
+                break
+            time.sleep(1)
+        assert driver.poll() is None, "the search ended before a trial on the second worker checkpointed"
+        assert running, "no trial checkpointed on the second worker in time"
+        cluster.remove_node(lost, allow_graceful=False)
+        out, _ = driver.communicate(timeout=1200)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-4000:]
+
+    # every planned trial is accounted for, and finished all its epochs
+    trials = pd.read_csv(pd.io.common.StringIO(s3_read(f"{experiment}/trials.csv")), dtype={"node_id": str})
+    assert len(trials) == len(RATES) and (trials["epochs"] == EPOCHS).all()
+    results = {t: [json.loads(line) for line in s3_read(f"{experiment}/{t}/result.json").splitlines() if line.strip()]
+               for t in {p.split("/")[0] for p in s3_files(experiment) if p.endswith("/result.json")}}
+    nodes_used = {r["node_id"] for lines in results.values() for r in lines}
+    seen = {t[:18]: [(r["epoch"], r["node_id"][:6]) for r in lines] for t, lines in results.items()}
+    assert {w.node_id for w in workers} <= nodes_used, (seen, [w.node_id[:6] for w in workers], running)
+
+    # the trial on the lost node went on from its checkpoint elsewhere: epochs continue
+    moved = results[running[0]["trial"]]
+    epochs = [r["epoch"] for r in moved]
+    assert epochs == sorted(set(epochs)) and epochs[-1] == EPOCHS, epochs
+    assert moved[0]["node_id"] == lost.node_id and moved[-1]["node_id"] != lost.node_id
+
+    # half-GPU trials: at most two on a node at once
+    for node in nodes_used:
+        spans = [(r[0]["timestamp"] - r[0]["time_this_iter_s"], r[-1]["timestamp"])
+                 for r in ([x for x in lines if x["node_id"] == node] for lines in results.values()) if r]
+        most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+        assert most <= 2
+
+    # every output is in the storage
+    stored = set(s3_files(experiment))
+    for needed in ["search_config.yaml", "split_train.csv", "trials.csv", "best_config.yaml", "test_metrics.json",
+                   "summary.json", "optuna.db", "model/model.keras", "model/model_card.json",
+                   "final/test_predictions.csv"]:
+        assert needed in stored, needed
+    assert any(p.startswith("model/saved_model/") for p in stored)
+    summary = json.loads(s3_read(f"{experiment}/summary.json"))
+    assert summary["storage"] == f"s3://{BUCKET}/{experiment}"
+
+    # a fresh head: nothing local, everything from the storage
+    shutil.rmtree(Path.home() / "boneage-experiments" / name)
+    again = subprocess.run([sys.executable, "-m", "tuning.search", "--retrain-only", f"s3://{BUCKET}/{experiment}",
+                            "--address", cluster.address], capture_output=True, text=True, timeout=900,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert json.loads(s3_read(f"{experiment}/summary.json"))["best"] == summary["best"]

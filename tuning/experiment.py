@@ -1,0 +1,201 @@
+"""One experiment's home: its name, its storage (a folder, a shared file system or s3://), the
+driver's local folder, and moving files between them. The search, the retrain and `--resume`
+all go through it.
+
+    exp = Experiment.create(cfg, "demo-20261201-101500")
+    exp.uri                      # where Ray writes trials and checkpoints: storage_path/name
+    exp.local_dir                # where the driver writes; for a folder storage, the same place
+    exp.publish(["trials.csv"])  # copy local files into the storage (no-op for a folder)
+    with exp.writer("model") as folder: ...   # write on any node, land in the storage
+
+For a folder storage everything is written in place: on a cluster that folder must be shared by
+every node (checked before trials start and on every node before its first trial). For s3://
+(or any pyarrow URI) the driver works in `~/boneage-experiments/<name>` and publishes into the
+storage: the search config and splits at the start, the Optuna study after every finished trial,
+the outputs at the end; `--resume` on a fresh head fetches the config and study back first.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from boneage.errors import InputError
+
+SEARCH_CONFIG = "search_config.yaml"
+STORAGE_MARKER = ".boneage-storage"  # written by the driver; every node must see it
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    storage_path: str  # Ray's storage_path: an absolute folder, or a URI such as s3://bucket/path
+    local_dir: Path
+
+    @classmethod
+    def create(cls, cfg, name: str) -> "Experiment":
+        storage = cfg.tune.storage_path
+        if is_uri(storage):
+            return cls(name, storage.rstrip("/"), Path.home() / "boneage-experiments" / name)
+        storage = str(Path(storage).expanduser().resolve())
+        return cls(name, storage, Path(storage) / name)
+
+    @classmethod
+    def at(cls, location: str) -> "Experiment":
+        """The experiment at a folder or URI such as s3://bucket/path/NAME (for --retrain-only)."""
+        location = location.rstrip("/")
+        if is_uri(location):
+            parent, _, name = location.rpartition("/")
+            return cls(name, parent, Path.home() / "boneage-experiments" / name)
+        folder = Path(location).expanduser().resolve()
+        return cls(folder.name, str(folder.parent), folder)
+
+    @property
+    def remote(self) -> bool:
+        return is_uri(self.storage_path)
+
+    @property
+    def uri(self) -> str:
+        return f"{self.storage_path}/{self.name}"
+
+    def _fs(self):
+        import pyarrow.fs
+
+        try:
+            return pyarrow.fs.FileSystem.from_uri(self.uri)
+        except (ValueError, OSError) as err:
+            raise InputError(f"tune.storage_path {self.storage_path}: cannot open it ({err})") from None
+
+    # --- moving files -------------------------------------------------------------------------
+
+    def publish(self, names, folder: Path | None = None) -> None:
+        """Copy files or folders of `folder` (local_dir) into the storage, replacing what is
+        there; a folder storage holds local_dir's already."""
+        folder = self.local_dir if folder is None else Path(folder)
+        if not self.remote and folder == self.local_dir:
+            return
+        import pyarrow.fs
+
+        for name in names:
+            source = folder / name
+            if source.exists():
+                if source.is_dir():
+                    self.delete(name)  # no stale files from an earlier copy
+                pyarrow.fs.copy_files(str(source), f"{self.uri}/{name}")
+
+    def fetch(self, name: str) -> bool:
+        """Copy a file or folder of the storage into local_dir; False if the storage has none."""
+        if not self.remote:
+            return (self.local_dir / name).exists()
+        import pyarrow.fs
+
+        fs, base = self._fs()
+        info = fs.get_file_info(f"{base}/{name}")
+        if info.type == pyarrow.fs.FileType.NotFound:
+            return False
+        target = self.local_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if info.type == pyarrow.fs.FileType.Directory:
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)  # pyarrow copies into it, but makes no local folders
+        pyarrow.fs.copy_files(f"{self.uri}/{name}", str(target))
+        return True
+
+    def delete(self, name: str) -> None:
+        import pyarrow.fs
+
+        fs, base = self._fs()
+        info = fs.get_file_info(f"{base}/{name}")
+        if info.type == pyarrow.fs.FileType.Directory:
+            fs.delete_dir(info.path)
+        elif info.type == pyarrow.fs.FileType.File:
+            fs.delete_file(info.path)
+
+    def exists(self) -> bool:
+        """Whether the storage holds this experiment already."""
+        import pyarrow.fs
+
+        fs, base = self._fs()
+        return fs.get_file_info(base).type == pyarrow.fs.FileType.Directory
+
+    @contextlib.contextmanager
+    def writer(self, *names: str):
+        """A folder to write `names` into, on whichever node this runs: the experiment folder
+        itself for a folder storage (which every node shares), else a temporary folder whose
+        `names` are published into the storage when the block ends without error."""
+        if not self.remote:
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+            yield self.local_dir
+            return
+        scratch = Path(tempfile.mkdtemp(prefix=f"boneage-{self.name}-"))
+        try:
+            yield scratch
+            self.publish(names, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    # --- a storage every node can reach ---------------------------------------------------------
+
+    def mark_storage(self) -> str:
+        """Write a marker with a fresh token into the storage; nodes check they can read it."""
+        token = uuid.uuid4().hex
+        if self.remote:
+            fs, base = self._fs()
+            fs.create_dir(base, recursive=True)
+            with fs.open_output_stream(f"{base}/{STORAGE_MARKER}") as f:
+                f.write(token.encode())
+        else:
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+            (self.local_dir / STORAGE_MARKER).write_text(token)
+        return token
+
+    def storage_problem(self, token: str) -> str | None:
+        """Why this process cannot use the experiment's storage, or None."""
+        try:
+            if self.remote:
+                fs, base = self._fs()
+                with fs.open_input_stream(f"{base}/{STORAGE_MARKER}") as f:
+                    seen = f.read().decode()
+            else:
+                seen = (self.local_dir / STORAGE_MARKER).read_text()
+        except (OSError, InputError) as err:
+            return f"cannot read {self.uri}/{STORAGE_MARKER} ({err})"
+        if seen != token:
+            return f"{self.uri} is not the driver's storage (another folder of the same name)"
+        return None
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_paths(cfg) -> None:
+    """Relative paths in the config become absolute, against the directory the search was
+    started in: trials run in their own folders, on other machines."""
+    data, model = cfg.data, cfg.model
+    if data.root:
+        data.root = str(Path(data.root).expanduser().absolute())
+    if data.test_root:
+        data.test_root = str(Path(data.test_root).expanduser().absolute())
+    if model.weights not in ("imagenet", "none"):
+        model.weights = str(Path(model.weights).expanduser().absolute())
+        if not Path(model.weights).is_file():
+            raise InputError(f"config key model.weights: weights file not found: {model.weights}")
+
+
+def experiment_names(cfg, stem: str) -> list[str]:
+    """Names of the experiments `stem-*` in the storage, oldest first (for --resume without --name)."""
+    import pyarrow.fs
+
+    probe = Experiment.create(cfg, "probe")
+    try:
+        fs, base = pyarrow.fs.FileSystem.from_uri(probe.storage_path if probe.remote else f"file://{probe.storage_path}")
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+    except (ValueError, OSError) as err:
+        raise InputError(f"tune.storage_path {probe.storage_path}: cannot list it ({err})") from None
+    return sorted(os.path.basename(i.path) for i in infos  # names end in -YYYYmmdd-HHMMSS
+                  if i.type == pyarrow.fs.FileType.Directory and os.path.basename(i.path).startswith(f"{stem}-"))
