@@ -247,9 +247,10 @@ def test_cluster_config_points_at_what_the_nodes_have():
 
     cfg = load_search_config(REPO / "configs" / "cluster.yaml")
     assert cfg.tune.storage_path == "s3://<BUCKET>/experiments" and cfg.tune.optuna_storage is None
-    # the data: where cluster.yaml's setup and the RayJob's init containers stage it
-    assert f"/data/rsna-bone-age.partial && mv" in " ".join(launcher()["setup_commands"])
-    assert cfg.data.root == "/data/rsna-bone-age"
+    # the data: where cluster.yaml's setup commands and the RayJob's init containers stage it
+    config = launcher()
+    assert f"mv {cfg.data.root}.partial {cfg.data.root};" in config["worker_setup_commands"][0]
+    assert f"{cfg.data.root}/boneage-training-dataset.csv; }}" in config["head_setup_commands"][0]
     # the weights: the file Keras downloads for Xception without its top (its source, read as text:
     # importing Keras takes seconds), in the Keras cache the Dockerfile fills
     keras_home = re.search(r"^ENV KERAS_HOME=(\S+)", (REPO / "Dockerfile").read_text(), re.M).group(1)
@@ -259,25 +260,35 @@ def test_cluster_config_points_at_what_the_nodes_have():
 
 
 def test_staging_copies_the_data_once(tmp_path):
-    """cluster.yaml's own staging command, run with a local folder for S3 and tmp_path for /data:
-    the data is copied (through a temporary folder), and a node that has it skips the copy. The
-    RayJob's init containers run the same command."""
-    command = launcher()["setup_commands"][1]
-    (init,) = {json.dumps(c["command"]) for c in _init_containers(rayjob())}
-    assert json.loads(init)[:2] == ["bash", "-c"] and json.loads(init)[2] == command
+    """cluster.yaml's own staging commands, run with a local folder for S3 and tmp_path for /data:
+    a worker gets the whole folder (through a temporary name), the head only the label CSV, and a
+    node that has them skips the copy. The RayJob's init containers run the same commands."""
+    config, job = launcher(), rayjob()
+    worker, head = config["worker_setup_commands"][0], config["head_setup_commands"][0]
+    spec = job["spec"]["rayClusterSpec"]
+    assert [c["command"] for c in spec["headGroupSpec"]["template"]["spec"]["initContainers"]] == [["bash", "-c", head]]
+    for group in spec["workerGroupSpecs"]:
+        assert [c["command"] for c in group["template"]["spec"]["initContainers"]] == [["bash", "-c", worker]]
     source = tmp_path / "bucket" / "rsna-bone-age"
     (source / "boneage-training-dataset").mkdir(parents=True)
     (source / "boneage-training-dataset.csv").write_text("id,boneage,male\n1,120,True\n")
     (source / "boneage-training-dataset" / "1.png").write_bytes(b"\x89PNG fake")
-    local = command.replace("s3://<BUCKET>/rsna-bone-age", source.as_uri()).replace("/data", str(tmp_path / "data"))
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
-    subprocess.run(["bash", "-c", local], check=True, env=env, timeout=60)
-    staged = tmp_path / "data" / "rsna-bone-age"
+
+    def run(command, node):
+        local = command.replace("s3://<BUCKET>/rsna-bone-age", source.as_uri()).replace("/data", str(tmp_path / node))
+        subprocess.run(["bash", "-c", local], check=True, env=env, timeout=60)
+        return tmp_path / node / "rsna-bone-age"
+
+    staged = run(worker, "worker")
     assert (staged / "boneage-training-dataset" / "1.png").read_bytes() == b"\x89PNG fake"
-    assert not (tmp_path / "data" / "rsna-bone-age.partial").exists()
+    labels_only = run(head, "head")
+    assert sorted(p.name for p in labels_only.iterdir()) == ["boneage-training-dataset.csv"]
+    assert not list(tmp_path.glob("*/*.partial")) and not list(tmp_path.glob("*/*/*.partial"))
     (source / "boneage-training-dataset.csv").write_text("changed")
-    subprocess.run(["bash", "-c", local], check=True, env=env, timeout=60)
+    run(worker, "worker"), run(head, "head")
     assert "changed" not in (staged / "boneage-training-dataset.csv").read_text()
+    assert "changed" not in (labels_only / "boneage-training-dataset.csv").read_text()
 
 
 # --- k8s/rayjob.yaml ----------------------------------------------------------------------------------
@@ -290,10 +301,6 @@ def _groups(job):
 def _containers(job):
     return [c for g in _groups(job) for key in ("containers", "initContainers")
             for c in g["template"]["spec"].get(key, [])]
-
-
-def _init_containers(job):
-    return [c for g in _groups(job) for c in g["template"]["spec"].get("initContainers", [])]
 
 
 def rayjob_errors(job) -> list[str]:
