@@ -73,7 +73,7 @@ def node_shapes(bootstrap=BOOTSTRAP_CONFIG, env=None) -> list[Shape]:
     return shapes + type_shapes(types)
 
 
-def _describe(shapes) -> str:
+def describe(shapes) -> str:
     return ", ".join(f"{s.name} ({s.cpus:g} CPU, {s.gpus:g} GPU{'' if s.alive else ', node type'})"
                      for s in shapes) or "none"
 
@@ -97,17 +97,17 @@ def check_fits(cfg, shapes) -> None:
     trial = cfg.tune.resources
     if not any(s.cpus >= trial.cpu and s.gpus >= trial.gpu for s in shapes):
         raise InputError(f"tune.resources {{cpu: {trial.cpu:g}, gpu: {trial.gpu:g}}}: no node of this cluster "
-                         f"can run a trial; its nodes: {_describe(shapes)}")
+                         f"can run a trial; its nodes: {describe(shapes)}")
     if not cfg.tune.retrain:
         return
     gpus, cpus = retrain_resources(cfg, shapes)
     if not any(s.gpus >= gpus and s.cpus >= cpus for s in shapes):
         raise InputError(f"tune.retrain_gpus {cfg.tune.retrain_gpus} / tune.retrain_cpus {cfg.tune.retrain_cpus:g}: "
                          f"no node of this cluster has {gpus} GPU(s) and {cpus:g} CPU(s); its nodes: "
-                         f"{_describe(shapes)} (retrain_gpus: -1 takes every GPU of the biggest node)")
+                         f"{describe(shapes)} (retrain_gpus: -1 takes every GPU of the biggest node)")
     if trial.gpu > 0 and gpus == 0:
         raise InputError(f"trials use GPUs but tune.retrain_gpus {cfg.tune.retrain_gpus} would retrain on CPU "
-                         f"(no node has a GPU: {_describe(shapes)})")
+                         f"(no node has a GPU: {describe(shapes)})")
 
 
 def reserve(gpus: int, cpus: float, wait_s: float, shapes=()):
@@ -127,7 +127,7 @@ def reserve(gpus: int, cpus: float, wait_s: float, shapes=()):
     if not ready:
         remove_placement_group(group)
         raise ClusterError(f"no node with {gpus} GPU(s) and {cpus:g} CPU(s) became available within {wait_s:g} s "
-                           f"(tune.retrain_wait_s); nodes: {_describe(node_shapes())}. The search's results are "
+                           f"(tune.retrain_wait_s); nodes: {describe(node_shapes())}. The search's results are "
                            f"saved: retrain later with --retrain-only")
     return group
 

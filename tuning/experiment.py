@@ -28,6 +28,7 @@ from boneage.errors import InputError
 
 SEARCH_CONFIG = "search_config.yaml"
 STORAGE_MARKER = ".boneage-storage"  # written by the driver; every node must see it
+MIN_FREE_MIB = 64  # below this a folder storage is full for our purposes (a checkpoint is ~100 MiB)
 
 
 @dataclass(frozen=True)
@@ -109,18 +110,18 @@ class Experiment:
         import pyarrow.fs
 
         fs, base = self._fs()
-        info = fs.get_file_info(f"{base}/{name}")
+        info = fs.get_file_info(f"{base}/{name}".rstrip("/"))
         if info.type == pyarrow.fs.FileType.Directory:
             fs.delete_dir(info.path)
         elif info.type == pyarrow.fs.FileType.File:
             fs.delete_file(info.path)
 
     def exists(self) -> bool:
-        """Whether the storage holds this experiment already."""
+        """Whether the storage holds this experiment already (a search was started under its name)."""
         import pyarrow.fs
 
         fs, base = self._fs()
-        return fs.get_file_info(base).type == pyarrow.fs.FileType.Directory
+        return fs.get_file_info(f"{base}/{SEARCH_CONFIG}").type == pyarrow.fs.FileType.File
 
     @contextlib.contextmanager
     def writer(self, *names: str):
@@ -137,6 +138,41 @@ class Experiment:
             self.publish(names, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def remove(self) -> None:
+        """Delete what this experiment wrote (a search refused before its first trial)."""
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+        if self.remote:
+            self.delete("")
+
+    def check_writable(self) -> None:
+        """InputError unless the storage takes files: a folder whose nearest existing parent is a
+        folder we can write in, with room left (or a URI we can write an object to)."""
+        if self.remote:
+            probe = f"{STORAGE_MARKER}.write-check-{uuid.uuid4().hex}"
+            try:
+                fs, base = self._fs()
+                with fs.open_output_stream(f"{base}/{probe}") as f:
+                    f.write(b"ok")
+                fs.delete_file(f"{base}/{probe}")
+            except OSError as err:
+                raise InputError(f"tune.storage_path {self.storage_path}: cannot write there ({err})") from None
+            return
+        folder = self.local_dir
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise InputError(f"tune.storage_path {self.storage_path}: {folder} is a file, not a folder")
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".boneage-write-check-"):
+                pass
+            stats = os.statvfs(folder)
+        except OSError as err:
+            raise InputError(f"tune.storage_path {self.storage_path}: cannot write in {folder} ({err})") from None
+        free_mib = stats.f_bavail * stats.f_frsize / 2**20
+        if free_mib < MIN_FREE_MIB:
+            raise InputError(f"tune.storage_path {self.storage_path}: {folder} has {free_mib:.1f} MiB free; a search "
+                             f"needs at least {MIN_FREE_MIB} MiB for its checkpoints and model")
 
     # --- a storage every node can reach ---------------------------------------------------------
 
@@ -197,5 +233,7 @@ def experiment_names(cfg, stem: str) -> list[str]:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
     except (ValueError, OSError) as err:
         raise InputError(f"tune.storage_path {probe.storage_path}: cannot list it ({err})") from None
-    return sorted(os.path.basename(i.path) for i in infos  # names end in -YYYYmmdd-HHMMSS
-                  if i.type == pyarrow.fs.FileType.Directory and os.path.basename(i.path).startswith(f"{stem}-"))
+    names = sorted(os.path.basename(i.path) for i in infos  # names end in -YYYYmmdd-HHMMSS
+                   if i.type == pyarrow.fs.FileType.Directory and os.path.basename(i.path).startswith(f"{stem}-"))
+    # only real experiments: a folder without its search config was never started
+    return [n for n in names if fs.get_file_info(f"{base}/{n}/{SEARCH_CONFIG}").type == pyarrow.fs.FileType.File]

@@ -30,7 +30,7 @@ from boneage.errors import InputError
 from tuning.config import SearchConfig
 
 
-def collect_trials(results, cfg: SearchConfig) -> pd.DataFrame:
+def collect_trials(results, cfg: SearchConfig, progress: dict | None = None) -> pd.DataFrame:
     """One row per trial from a Ray ResultGrid: parameters, per-epoch val MAE, status, time, node."""
     rows = []
     for result in results:
@@ -47,28 +47,29 @@ def collect_trials(results, cfg: SearchConfig) -> pd.DataFrame:
         params = {k: v for k, v in (result.config or {}).items() if k in cfg.tune.space}
         row.update({f"param.{k}": v for k, v in params.items()})
         row["best_epoch"] = int(result.metrics.get("best_epoch", 0) or 0)
-        row["ended"] = end_reason(result, status, epochs, cfg)
+        row["ended"] = end_reason(result, status, epochs, cfg, progress or {})
         rows.append(row)
     if not rows:
         raise InputError("the search produced no trials")
     return pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
 
 
-def end_reason(result, status: str, epochs: int, cfg: SearchConfig) -> str:
-    """Why a trial ended, for the report: its error, all epochs, or which stop it met.
-    ASHA stops trials only at its rungs (grace_period * reduction_factor^k epochs)."""
+def end_reason(result, status: str, epochs: int, cfg: SearchConfig, progress: dict) -> str:
+    """Why a trial ended, for the report: its error, all epochs, or which stop it met. ASHA's
+    stops and the budget that ended the search come from tuning.progress's saved state."""
     if status == "error":
         lines = str(result.error).strip().splitlines() or ["unknown error"]
         return "error: " + lines[-1][:160]
     if status == "completed":
         return f"ran all {epochs} epochs"
-    rungs, rung = set(), float(cfg.tune.grace_period)
-    while rung < cfg.train.epochs:
-        rungs.add(int(round(rung)))
-        rung *= cfg.tune.reduction_factor
-    if epochs in rungs:
+    trial_id = str(result.metrics.get("trial_id", ""))
+    if trial_id in progress.get("asha_stopped", []):
         return f"stopped by ASHA at the epoch-{epochs} rung"
-    return f"stopped after epoch {epochs}: early stopping or the search's time budget"
+    if progress.get("budget_stop") == "time_budget":
+        return f"stopped after epoch {epochs}: the search's time budget ({cfg.tune.time_budget_s:g} s) was spent"
+    if progress.get("budget_stop") == "gpu_hour_budget":
+        return f"stopped after epoch {epochs}: the search's GPU-hour budget ({cfg.tune.gpu_hours_budget:g}) was spent"
+    return f"stopped after epoch {epochs}: early stopping"
 
 
 def best_config(cfg: SearchConfig, trials: pd.DataFrame) -> tuple[SearchConfig, pd.Series]:
@@ -186,9 +187,12 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
     from tuning.report import draw_plots, format_summary, write_report, write_trials_csv
     from tuning.study import STUDY_DB, StudySync, open_storage, study_url
 
+    from tuning.progress import load_state
+
     local_dir = exp.local_dir
     search_seconds = time.time() - started
-    trials = collect_trials(results, cfg)
+    progress = load_state(exp)
+    trials = collect_trials(results, cfg, progress)
     write_trials_csv(trials, local_dir / "trials.csv")
     tuned, best = best_config(cfg, trials)
     save_config(tuned, local_dir / "best_config.yaml")
@@ -215,7 +219,7 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
         "retrain_epochs": retrained and retrained["epochs"],
         "retrain": retrained and {k: v for k, v in retrained.items() if k != "test_metrics"},
         "predictions_csv": str(local_dir / "final" / "test_predictions.csv") if retrained else None,
-        "wall_time_s": time.time() - started, "search_time_s": search_seconds,
+        "wall_time_s": time.time() - started, "search_time_s": max(search_seconds, progress["elapsed_s"]),
         "gpu_hours": gpu_seconds / 3600.0,
         "reproduce": f"python -m tuning.search --config {local_dir / SEARCH_CONFIG} --name {exp.name}-again",
         "split_sizes": splits.sizes(), "final_dir": str(local_dir / "final") if retrained else None,

@@ -42,12 +42,11 @@ class SearchInterrupted(Exception):
 
 def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: bool):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    from tuning.budget import GpuHourBudget
     from tuning.nodecheck import NodeCheckWatch
+    from tuning.progress import Scheduler, SearchProgress
     from tuning.space import parse_space
-    from tuning.study import StudySync, fail_running_trials, make_searcher, open_storage, study_url
+    from tuning.study import Limiter, StudySync, fail_running_trials, make_searcher, open_storage, study_url
     from tuning.tracking import tracking_callbacks
     from tuning.trainable import run_trial
 
@@ -61,22 +60,25 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
         failed = fail_running_trials(open_storage(url), exp.name)
         if failed:
             print(f"marked {failed} trial(s) left running in the Optuna study as failed")
+        # the scheduler, the budgets and the callbacks come back from the experiment, with the
+        # classes of today's code and the state of tuning.progress's search_state.json
         return tune.Tuner.restore(exp.uri, trainable, resume_unfinished=True, resume_errored=True)
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
-                              reduction_factor=cfg.tune.reduction_factor)
+    progress = SearchProgress(exp, cfg.tune.time_budget_s, cfg.tune.gpu_hours_budget, cfg.tune.resources.gpu)
+    scheduler = Scheduler(progress, max_running=cfg.tune.max_concurrent_trials, time_attr="epoch",
+                          max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
+                          reduction_factor=cfg.tune.reduction_factor)
     searcher = make_searcher(cfg, parse_space(cfg), url, exp.name, METRIC, MODE)
-    stoppers = [NodeCheckWatch()]
-    if cfg.tune.gpu_hours_budget:
-        stoppers.append(GpuHourBudget(cfg.tune.gpu_hours_budget, cfg.tune.resources.gpu))
+    if cfg.tune.max_concurrent_trials:
+        searcher = Limiter(searcher, max_concurrent=cfg.tune.max_concurrent_trials)
+    watch = NodeCheckWatch()
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-            num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials or None,
-            time_budget_s=cfg.tune.time_budget_s or None, reuse_actors=False),
+            num_samples=cfg.tune.num_samples, reuse_actors=False),
         run_config=tune.RunConfig(
-            name=exp.name, storage_path=exp.storage_path, stop=tune.stopper.CombinedStopper(*stoppers),
-            callbacks=stoppers[:1] + ([StudySync(exp, url)] if exp.remote else [])
+            name=exp.name, storage_path=exp.storage_path, stop=tune.stopper.CombinedStopper(watch, progress),
+            callbacks=[watch, progress] + ([StudySync(exp, url)] if exp.remote else [])
                       + tracking_callbacks(cfg, exp.name, exp.local_dir),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
@@ -134,34 +136,116 @@ def images_here(cfg: SearchConfig, address: str | None) -> bool:
         return False
 
 
-def search(cfg: SearchConfig, name: str, address: str | None = None, resume: bool = False) -> dict:
-    """Run (or resume) the search, then retrain, test, export and report. Returns the summary."""
-    from boneage.config import save_config
+def config_changes(saved: SearchConfig, given: SearchConfig) -> list[str]:
+    """'key: saved -> given' for every config value that differs."""
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict) and key not in ("space", "resources"):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    before, after = dict(flat(dataclasses.asdict(saved))), dict(flat(dataclasses.asdict(given)))
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(before.keys() | after.keys())
+            if before.get(key) != after.get(key)]
+
+
+def prepare(cfg: SearchConfig, name: str, address: str | None, resume: bool):
+    """Everything checked before anything is written: the experiment (new, or the one to
+    resume, unchanged), the data, the cluster and the storage. Returns (cfg, exp, splits, shapes)."""
     from boneage.splits import load_splits
-    from tuning.nodecheck import MARK, NodeExpectations, code_version
-    from tuning.retrain import finish
-    from tuning.study import STUDY_DB
+    from tuning.progress import STATE_FILE
+    from tuning.study import STUDY_DB, open_storage, study_url
 
     resolve_paths(cfg)
     exp = Experiment.create(cfg, name)
     if resume:  # resume exactly what was started; a fresh head fetches it from the storage
         if not exp.fetch(SEARCH_CONFIG):
             raise InputError(f"--resume: no experiment {name} in {cfg.tune.storage_path}")
+        saved = load_search_config(exp.local_dir / SEARCH_CONFIG)
+        changes = config_changes(saved, cfg)
+        if changes:
+            raise InputError(f"--resume: the config differs from the one experiment {name} was started with "
+                             f"(a resumed search runs what it started):\n  " + "\n  ".join(changes)
+                             + "\nResume with the same --config and --set values, or start a new --name.")
+        cfg = saved
         exp.fetch(STUDY_DB)
-        cfg = load_search_config(exp.local_dir / SEARCH_CONFIG)
+        exp.fetch(STATE_FILE)
+    elif exp.exists():
+        raise InputError(f"experiment {name} already exists in {exp.storage_path}: continue it with --resume, "
+                         f"or give another --name")
+    if cfg.tune.optuna_storage:
+        open_storage(study_url(cfg, exp.local_dir))  # a database server answers before any trial
     splits = load_splits(cfg.data, images=images_here(cfg, address))
-    exp.local_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, exp.local_dir / SEARCH_CONFIG)
-    splits.save(exp.local_dir)
-    print(f"experiment {name}: results in {exp.local_dir}" + (f" and {exp.uri}" if exp.remote else ""))
-    print(f"data: {splits.sizes()} images from {splits.root}")
-    started = time.time()
     start_ray(address)
     shapes = cluster.node_shapes()
     cluster.check_fits(cfg, shapes)
-    token = exp.mark_storage()
+    exp.check_writable()
+    return cfg, exp, splits, shapes
+
+
+ASSUMED_IMAGES_PER_S = 250.0  # one A10G-class GPU, Xception at 256 px, mixed precision: a planning figure
+
+
+def expected_trial_epochs(cfg: SearchConfig) -> float:
+    """Epochs per trial if ASHA stops all but 1/reduction_factor of the trials at each rung."""
+    epochs, rung, survivors, done = 0.0, float(cfg.tune.grace_period), 1.0, 0.0
+    while rung < cfg.train.epochs:
+        epochs += survivors * (rung - done)
+        done, survivors, rung = rung, survivors / cfg.tune.reduction_factor, rung * cfg.tune.reduction_factor
+    return epochs + survivors * (cfg.train.epochs - done)
+
+
+def plan(cfg: SearchConfig, splits, shapes) -> str:
+    """What a search would do: trials, trial-epochs, GPU-hours at a stated throughput, caps."""
+    t = cfg.tune
+    per_trial = expected_trial_epochs(cfg)
+    images = len(splits.train) + len(splits.val)  # each epoch trains on train and evaluates val
+    seconds_per_epoch = images / ASSUMED_IMAGES_PER_S * (cfg.model.image_size / 256) ** 2
+    gpu_hours = t.num_samples * per_trial * seconds_per_epoch * t.resources.gpu / 3600
+    gpus, cpus = cluster.retrain_resources(cfg, shapes)
+    lines = [
+        "dry run: the config, the data, the storage and the cluster are fine; nothing was started.",
+        f"  data: {splits.sizes()} images at {cfg.model.image_size} px",
+        f"  trials: {t.num_samples}, each on {t.resources.cpu:g} CPU(s) and {t.resources.gpu:g} GPU(s), at most "
+        f"{t.max_concurrent_trials or 'as many as fit'} at once; searched: {', '.join(t.space) or 'nothing'}",
+        f"  trial-epochs: at most {t.num_samples * cfg.train.epochs}; about {t.num_samples * per_trial:.0f} if ASHA "
+        f"stops all but 1/{t.reduction_factor:g} at each rung (grace period {t.grace_period})",
+        f"  GPU-hours: about {gpu_hours:.2f} at an assumed {ASSUMED_IMAGES_PER_S:g} images/s per GPU at 256 px "
+        f"(scaled by image area), before the retrain" if t.resources.gpu else "  GPU-hours: none (CPU trials)",
+        f"  caps: time {t.time_budget_s or 'none'} s, GPU-hours {t.gpu_hours_budget or 'none'}",
+        f"  retrain: {'yes' if t.retrain else 'no'}, on {gpus} GPU(s) and {cpus:g} CPU(s) of one node",
+        f"  nodes: {cluster.describe(shapes)}",
+    ]
+    return "\n".join(lines)
+
+
+def search(cfg: SearchConfig, name: str, address: str | None = None, resume: bool = False,
+           dry_run: bool = False) -> dict:
+    """Run (or resume) the search, then retrain, test, export and report. Returns the summary.
+    A search refused for bad input leaves nothing behind."""
+    from boneage.config import save_config
+    from tuning.nodecheck import MARK, NodeExpectations, code_version
+    from tuning.retrain import finish
+
+    cfg, exp, splits, shapes = prepare(cfg, name, address, resume)
+    if dry_run:
+        print(plan(cfg, splits, shapes))
+        return {}
+    started = time.time()
+    try:
+        token = exp.mark_storage()
+        cluster.check_storage(exp, token, shapes)
+    except InputError:
+        if not resume:
+            exp.remove()
+        raise
+    exp.local_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, exp.local_dir / SEARCH_CONFIG)
+    splits.save(exp.local_dir)
     exp.publish([SEARCH_CONFIG, "split_train.csv", "split_val.csv", "split_test.csv"])
-    cluster.check_storage(exp, token, shapes)
+    print(f"experiment {name}: results in {exp.local_dir}" + (f" and {exp.uri}" if exp.remote else ""))
+    print(f"data: {splits.sizes()} images from {splits.root}")
     expected = NodeExpectations(exp.uri, token, splits.fingerprint, splits.labels_fingerprint, code_version())
     results = make_tuner(cfg, exp, splits, expected, resume).fit()
     node_failures = [str(r.error) for r in results if r.error and MARK in str(r.error)]
@@ -183,7 +267,9 @@ def main(argv=None) -> int:
     parser.add_argument("--name", help="experiment name (default <config>-<date>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     parser.add_argument("--retrain-only", metavar="EXPERIMENT",
-                        help="redo the retrain/test/export/report step of a finished search")
+                        help="redo the retrain/test/export/report step of a finished search (folder or URI)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, data, storage and cluster, print the plan, start nothing")
     args = parser.parse_args(argv)
     try:
         if args.retrain_only:
@@ -194,7 +280,11 @@ def main(argv=None) -> int:
         if not args.config:
             raise InputError("--config is required (e.g. --config configs/demo.yaml)")
         cfg = load_search_config(args.config, args.overrides)
-        search(cfg, args.name or default_name(args, cfg), args.address, args.resume)
+        name = args.name or default_name(args, cfg)
+        if args.dry_run:
+            search(cfg, name, args.address, args.resume, dry_run=True)
+        else:
+            search(cfg, name, args.address, args.resume)
         return 0
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -17,6 +17,7 @@ import pickle
 from pathlib import Path
 
 from ray import tune
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from boneage.errors import InputError
@@ -105,15 +106,18 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id, result=None, error=False):
         import optuna
 
-        value = (result or {}).get(self.metric)
-        if self._closed(trial_id) and trial_id not in self._completed_trials:
-            if value is not None and not error:
-                ot_trial = self._ot_trials[trial_id]
-                self._ot_study.add_trial(optuna.trial.create_trial(
-                    params=ot_trial.params, distributions=ot_trial.distributions, value=value))
-            self._completed_trials.add(trial_id)
+        if not self._closed(trial_id):
+            super().on_trial_complete(trial_id, result=result, error=error)
             return
-        super().on_trial_complete(trial_id, result=result, error=error)
+        # closed: failed by a crash or an error, then resumed by Ray; its result is a new entry
+        value = (result or {}).get(self.metric)
+        readded = self.__dict__.setdefault("_readded", set())
+        if value is not None and not error and trial_id not in readded:
+            ot_trial = self._ot_trials[trial_id]
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                params=ot_trial.params, distributions=ot_trial.distributions, value=value))
+            readded.add(trial_id)
+        self._completed_trials.add(trial_id)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -190,3 +194,15 @@ class StudySync(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.sync()
+
+
+class Limiter(ConcurrencyLimiter):
+    """Ray's ConcurrencyLimiter (TPE suggests a trial only when a slot is free, so it learns from
+    the results so far), except that it passes on the end of a trial it did not suggest in this
+    session (an errored trial that `--resume` restarted) instead of dropping it."""
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if trial_id not in self.live_trials:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)

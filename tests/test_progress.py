@@ -1,0 +1,109 @@
+"""What a search remembers across a resume: its time and GPU-hour budgets and ASHA's rungs, and
+the concurrency cap on restored trials (unit level; tests/test_faults.py does it for real)."""
+import json
+import pickle
+from types import SimpleNamespace
+
+import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from tuning.experiment import Experiment
+from tuning.progress import STATE_FILE, Scheduler, SearchProgress
+from tuning.study import Limiter
+
+
+def experiment(tmp_path) -> Experiment:
+    return Experiment("exp", str(tmp_path), tmp_path / "exp")
+
+
+class trial(SimpleNamespace):
+    def __init__(self, trial_id, status=Trial.RUNNING):
+        super().__init__(trial_id=trial_id, status=status)
+
+    def set_status(self, status):
+        self.status = status
+
+
+def test_gpu_hour_budget_counts_each_trials_latest_time(tmp_path):
+    progress = SearchProgress(experiment(tmp_path), 0, 1.0, 0.5)
+    assert progress("a", {"time_total_s": 3600.0}) is False  # never stops a single trial
+    assert not progress.stop_all()  # 0.5 GPU-hours so far
+    progress("b", {"time_total_s": 3000.0})
+    progress("a", {"time_total_s": 4000.0})  # a trial's time is its latest total, not a sum
+    assert progress.gpu_hours() == pytest.approx((4000 + 3000) * 0.5 / 3600)
+    assert not progress.stop_all()
+    progress("c", {"time_total_s": 500.0})
+    assert progress.stop_all() and progress.state["budget_stop"] == "gpu_hour_budget"
+
+
+def test_budgets_count_earlier_sessions(tmp_path):
+    exp = experiment(tmp_path)
+    first = SearchProgress(exp, time_budget_s=100, gpu_hours_budget=0, gpus_per_trial=0)
+    first.state["elapsed_s"] = 90.0  # as if this session had run 90 s
+    first.end_session()
+    assert json.loads((exp.local_dir / STATE_FILE).read_text())["elapsed_s"] >= 90.0
+    resumed = pickle.loads(pickle.dumps(first))  # what Tuner.restore does to it
+    assert resumed.elapsed_s() >= 90.0 and not resumed.stop_all()
+    resumed.state["elapsed_s"] = 101.0
+    assert resumed.stop_all() and resumed.state["budget_stop"] == "time_budget"
+
+
+def feed(scheduler, results):
+    return [scheduler.on_trial_result(None, trial(t), {"epoch": epoch, "val_mae": mae}) for t, epoch, mae in results]
+
+
+def test_asha_rungs_survive_a_resume(tmp_path):
+    exp = experiment(tmp_path)
+    asha = dict(time_attr="epoch", metric="val_mae", mode="min", max_t=9, grace_period=1, reduction_factor=3)
+    progress = SearchProgress(exp, 0, 0, 0)
+    scheduler = Scheduler(progress, **asha)
+    for t in "abcd":
+        scheduler.on_trial_add(None, trial(t))
+    assert feed(scheduler, [("c", 1, 12.0), ("b", 1, 11.0), ("a", 1, 10.0)]) == [TrialScheduler.CONTINUE] * 3
+    assert feed(scheduler, [("d", 1, 30.0)]) == [TrialScheduler.STOP]  # worse than the rung's cutoff
+    progress.save()
+    assert progress.state["asha_stopped"] == ["d"]
+
+    # a resume unpickles both from the experiment; the rungs come back from search_state.json
+    restored_progress, restored = pickle.loads(pickle.dumps((progress, scheduler)))
+    assert restored_progress.state["rungs"]["1"] == {"a": -10.0, "b": -11.0, "c": -12.0, "d": -30.0}
+    restored.on_trial_add(None, trial("e"))
+    assert feed(restored, [("e", 1, 40.0)]) == [TrialScheduler.STOP]
+    # Ray's own ASHA, restored, has empty rungs: it lets the same trial go on
+    plain = pickle.loads(pickle.dumps(ASHAScheduler(**asha)))
+    plain.on_trial_add(None, trial("e"))
+    assert plain.on_trial_result(None, trial("e"), {"epoch": 1, "val_mae": 40.0}) == TrialScheduler.CONTINUE
+
+
+class OneAtATime(Searcher):
+    def suggest(self, trial_id):
+        return {"x": 1}
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass
+
+
+def test_restored_trials_count_toward_max_running_and_wait_their_turn(tmp_path):
+    """Ray restores every unfinished and errored trial as PENDING and starts all PENDING trials
+    whatever the scheduler says; the scheduler must hold all but max_running of them PAUSED and
+    count them in the limiter, or they run side by side and with new suggestions."""
+    progress = SearchProgress(experiment(tmp_path), 0, 0, 0)
+    scheduler = Scheduler(progress, max_running=1, time_attr="epoch", metric="val_mae", mode="min", max_t=3)
+    limiter = Limiter(OneAtATime(), max_concurrent=1)
+    limiter.suggest("cut")  # suggested in the first session, running when the driver died
+    trials = []
+    controller = SimpleNamespace(get_trials=lambda: trials, search_alg=SimpleNamespace(searcher=limiter))
+    for trial_id in ("cut", "errored"):  # both come back PENDING, as _requeue_restored_trials does
+        trials.append(trial(trial_id, Trial.PENDING))
+        scheduler.on_trial_add(controller, trials[-1])
+    assert [t.status for t in trials] == [Trial.PENDING, Trial.PAUSED]
+    assert limiter.live_trials == {"cut", "errored"} and limiter.suggest("new") is None
+    assert scheduler.choose_trial_to_run(controller) is None  # "cut" is about to run
+    trials[0].status = Trial.RUNNING
+    assert scheduler.choose_trial_to_run(controller) is None
+    trials[0].status = Trial.TERMINATED
+    limiter.on_trial_complete("cut", {"val_mae": 1.0})
+    assert scheduler.choose_trial_to_run(controller).trial_id == "errored"
+    assert limiter.suggest("new") is None  # "errored" still holds the one slot

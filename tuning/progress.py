@@ -1,0 +1,169 @@
+"""What a search has done so far, kept beside it so that a resumed search goes on where it was.
+
+    progress = SearchProgress(exp, cfg)          # a Tune callback and a stopper
+    scheduler = Scheduler(progress, ...)         # ASHA that remembers its rungs
+
+Ray restores trials and the searcher after a crash, but not the scheduler's rungs, nor the time
+spent: after `--resume`, ASHA would start with empty rungs (its next decisions compare trials
+with nothing) and `tune.time_budget_s` and `tune.gpu_hours_budget` would start again from zero,
+the cost guard of a multi-day run on rented GPUs. So `search_state.json` in the experiment folder
+keeps: the seconds the search has run in earlier sessions, each trial's running seconds, ASHA's
+rungs and the trials it stopped, and which budget (if any) ended the search. It is written on
+every result and copied into the storage when a trial ends; `--resume` fetches it back.
+
+The scheduler also enforces `tune.max_concurrent_trials` on every trial it starts, including
+trials restored by a resume (Ray's concurrency limiter counts only the trials it suggested
+itself, so resumed and new trials would otherwise run side by side).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler
+
+from boneage.config import write_atomic
+
+STATE_FILE = "search_state.json"
+
+
+def load_state(exp) -> dict:
+    path = exp.local_dir / STATE_FILE
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    return {"elapsed_s": 0.0, "trial_seconds": {}, "rungs": {}, "asha_stopped": [], "budget_stop": None, **state}
+
+
+class SearchProgress(tune.Callback, tune.Stopper):
+    """Counts the search's time and GPU-seconds across sessions, stops it at its budgets, and
+    saves what the scheduler knows. A callback (results, trial ends) and a stopper at once."""
+
+    def __init__(self, exp, time_budget_s: float, gpu_hours_budget: float, gpus_per_trial: float):
+        self.exp = exp
+        self.time_budget_s, self.gpu_hours_budget, self.gpus_per_trial = time_budget_s, gpu_hours_budget, gpus_per_trial
+        self.state = load_state(exp)
+        self.session_start = time.time()
+
+    def __setstate__(self, state):  # unpickled by a resume: start from the saved file
+        self.__dict__.update(state)
+        self.state = load_state(self.exp)
+        self.session_start = time.time()
+
+    def elapsed_s(self) -> float:
+        return self.state["elapsed_s"] + time.time() - self.session_start
+
+    def gpu_hours(self) -> float:
+        return sum(self.state["trial_seconds"].values()) * self.gpus_per_trial / 3600.0
+
+    def save(self, publish: bool = False) -> None:
+        state = {**self.state, "elapsed_s": self.elapsed_s()}
+        self.exp.local_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.exp.local_dir / STATE_FILE, json.dumps(state, indent=1))
+        if publish:
+            self.exp.publish([STATE_FILE])
+
+    def end_session(self) -> None:
+        """Fold this session's time into the saved total (the search ended or was stopped)."""
+        self.save(publish=True)
+        self.state["elapsed_s"] = self.elapsed_s()
+        self.session_start = time.time()
+
+    # --- the stopper -----------------------------------------------------------------------
+
+    def __call__(self, trial_id, result) -> bool:
+        self.state["trial_seconds"][trial_id] = float(result.get("time_total_s", 0.0) or 0.0)
+        return False
+
+    def stop_all(self) -> bool:
+        if self.state["budget_stop"]:
+            return True
+        if self.time_budget_s and self.elapsed_s() >= self.time_budget_s:
+            self.state["budget_stop"] = "time_budget"
+        elif self.gpu_hours_budget and self.gpu_hours() >= self.gpu_hours_budget:
+            self.state["budget_stop"] = "gpu_hour_budget"
+        if self.state["budget_stop"]:
+            self.save(publish=True)
+        return bool(self.state["budget_stop"])
+
+    # --- the callback ----------------------------------------------------------------------
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.save()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.save(publish=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.save(publish=True)
+
+    def on_experiment_end(self, trials, **info):
+        self.save(publish=True)
+
+
+class Scheduler(ASHAScheduler):
+    """ASHA on validation MAE, whose rungs survive a resume, which records the trials it stops,
+    and which never runs more than `max_running` trials at once (0 = no limit)."""
+
+    def __init__(self, progress: SearchProgress, max_running: int = 0, **asha):
+        super().__init__(**asha)
+        self.progress, self.max_running = progress, max_running
+        self._restored = False
+
+    def __setstate__(self, state):  # unpickled by a resume: rebuild the rungs on first use
+        self.__dict__.update(state)
+        self._restored = False
+
+    def _restore(self) -> None:
+        """Fill the (single) bracket's rungs from the saved state, once."""
+        if self._restored:
+            return
+        self._restored = True
+        for milestone, recorded in self._brackets[0]._rungs:
+            recorded.update(self.progress.state["rungs"].get(f"{milestone:g}", {}))
+
+    def _record(self) -> None:
+        self.progress.state["rungs"] = {f"{milestone:g}": dict(recorded)
+                                        for milestone, recorded in self._brackets[0]._rungs}
+
+    def on_trial_add(self, tune_controller, trial):
+        self._restore()
+        super().on_trial_add(tune_controller, trial)
+        if self.max_running and trial.status == Trial.PENDING:
+            self._hold_restored(tune_controller, trial)
+
+    def _hold_restored(self, tune_controller, trial) -> None:
+        """A trial that `--resume` brings back (running or errored when the search stopped) was
+        not suggested in this session, so the concurrency limiter does not count it and Ray starts
+        every restored trial at once. Count it in the limiter (no new suggestion while it is
+        live) and keep it PAUSED while `max_running` trials already wait: `choose_trial_to_run`
+        starts it when a slot is free. The controller files the trial by its status after this
+        hook returns, so setting the status here is enough."""
+        limiter = getattr(tune_controller.search_alg, "searcher", None)
+        live = getattr(limiter, "live_trials", None)
+        if live is not None and trial.trial_id not in live:
+            live.add(trial.trial_id)
+            limiter.num_unfinished_live_trials += 1
+        waiting = sum(t.status == Trial.PENDING for t in tune_controller.get_trials() if t is not trial)
+        if waiting >= self.max_running:
+            trial.set_status(Trial.PAUSED)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        self._restore()
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and result.get(self._time_attr, 0) < self._max_t:
+            self.progress.state["asha_stopped"] = sorted({*self.progress.state["asha_stopped"], trial.trial_id})
+        self._record()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        super().on_trial_complete(tune_controller, trial, result)
+        self._record()
+
+    def choose_trial_to_run(self, tune_controller):
+        self._restore()
+        if self.max_running:
+            running = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in tune_controller.get_trials())
+            if running >= self.max_running:
+                return None
+        return super().choose_trial_to_run(tune_controller)
