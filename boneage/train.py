@@ -5,7 +5,9 @@
 A plain function, so a Ray trial can call it with its own Keras callback (reporting each
 epoch's validation MAE and a checkpoint) and resume it from that checkpoint. The best model is
 chosen by MAE in months on the whole validation set; with no validation set (retraining on
-train + validation) the last epoch's model is kept.
+train + validation) the last epoch's model is kept. A run whose loss or validation MAE stops
+being finite has diverged: it stops there and keeps the best weights it had
+(`boneage.progress`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from boneage.config import Config, TrainConfig
 from boneage.errors import InputError
 from boneage.model import build_model, set_frozen_blocks
 from boneage.pipeline import make_dataset
+from boneage.progress import Progress
 from boneage.splits import Splits
 
 
@@ -62,12 +65,16 @@ def _compile(model, cfg: Config, learning_rate, age_std: float) -> None:
 
 @dataclass
 class Resume:
-    """Where a resumed run picks up: a full .keras checkpoint saved after `epoch` epochs."""
+    """Where a resumed run picks up: a full .keras checkpoint saved after `epoch` epochs, and
+    the weights of its best epoch so far (`best_weights_path`, written by
+    `boneage.progress.Progress.save_best`;
+    None when the best epoch is the checkpoint's own or there is none)."""
     model_path: str
     epoch: int
     best_val_mae: float = math.inf
     best_epoch: int = 0
     history: dict = field(default_factory=dict)
+    best_weights_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,8 +107,12 @@ def replica_learning_rate(learning_rate: float, replicas: int) -> float:
     return learning_rate * math.sqrt(replicas)
 
 
-def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resume | None = None):
+def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resume | None = None,
+          progress: Progress | None = None):
     """Train, keep the best model, return (metrics, model). `out_dir` gets best.keras, history.csv.
+
+    `progress`: the run's `Progress`, for a caller whose callbacks report or checkpoint it (they
+    run after it each epoch); made here from `resume` when not given.
 
     TensorFlow is used as the caller configured it (`boneage.runtime.configure`); a caller who
     did not gets the defaults. With several GPUs (or several logical CPUs) in the process the
@@ -133,9 +144,12 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
 
+    progress = progress or Progress(resume)
+    progress.final_epoch = t.epochs
     with strategy.scope():
         if resume:
             model = keras.models.load_model(resume.model_path)
+            progress.restore(model)
         else:
             if m.weights not in ("imagenet", "none") and not Path(m.weights).is_file():
                 raise InputError(f"config key model.weights: weights file not found: {m.weights}")
@@ -146,13 +160,14 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
                 raise InputError(f"config key model.weights: could not load {m.weights}: {err}") from None
 
         steps_per_epoch = math.ceil(len(splits.train) / batch_size)
-        tracker = _BestTracker(resume)
-        history: dict[str, list] = {k: list(v) for k, v in (resume.history if resume else {}).items()}
-        own = [tracker, keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: _append(history, e, logs))]
-        if out_dir:
-            own.append(keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=resume is not None))
+        own = []
         if has_val and t.early_stopping_patience:
-            own.append(keras.callbacks.EarlyStopping("val_mae", patience=t.early_stopping_patience))
+            progress.early_stopping = keras.callbacks.EarlyStopping("val_mae", patience=t.early_stopping_patience)
+            own.append(progress.early_stopping)
+        own.append(progress)  # after EarlyStopping, so it knows when that stopped the run
+        if out_dir:  # the whole history each epoch: a resumed run's file starts at epoch 1 too
+            own.append(keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda e, logs: _write_history(progress.history, out_dir / "history.csv")))
 
         start, started = (resume.epoch if resume else 0), time.time()
         phases = [{**asdict(p), "replica_learning_rate": replica_learning_rate(p.learning_rate, replicas)}
@@ -177,15 +192,18 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
             if model.stop_training:
                 break
 
-    if tracker.best_weights is not None:
-        model.set_weights(tracker.best_weights)
+    if progress.best_weights is not None:
+        model.set_weights(progress.best_weights)
     if out_dir:
         model.save(out_dir / "best.keras")
+    history = progress.history
     epochs_run = len(history.get("loss", []))
     metrics = {
-        "best_val_mae": tracker.best_val_mae if has_val else None,
-        "best_epoch": tracker.best_epoch if has_val else epochs_run,
+        "best_val_mae": progress.best_val_mae if has_val else None,
+        "best_epoch": progress.best_epoch if has_val else epochs_run,
         "epochs_run": epochs_run,
+        "diverged": progress.diverged, "ended": progress.ended,
+        "resumed_from": resume.epoch if resume else 0,
         "train_seconds": round(time.time() - started, 1),
         "age_mean": age_mean, "age_std": age_std,
         "n_train": len(splits.train), "n_val": len(splits.val),
@@ -196,26 +214,16 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
     return metrics, model
 
 
-def _append(history: dict, epoch: int, logs: dict) -> None:
-    for key, value in (logs or {}).items():
-        history.setdefault(key, []).append(float(np.asarray(value)))
+def _write_history(history: dict, path: Path) -> None:
+    """history.csv as Keras's CSVLogger writes it (epoch from 0, then the logs' keys sorted)."""
+    import pandas as pd
 
+    from boneage.config import write_atomic
 
-class _BestTracker(keras.callbacks.Callback):
-    """Keeps the weights of the epoch with the lowest validation MAE in memory (no second copy
-    on disk; checkpoints for resuming are the caller's business)."""
-
-    def __init__(self, resume: Resume | None):
-        super().__init__()
-        self.best_val_mae = resume.best_val_mae if resume else math.inf
-        self.best_epoch = resume.best_epoch if resume else 0
-        self.best_weights = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get("val_mae")
-        if value is not None and float(value) < self.best_val_mae:
-            self.best_val_mae, self.best_epoch = float(value), epoch + 1
-            self.best_weights = self.model.get_weights()
+    columns = sorted(history)
+    table = pd.DataFrame({k: pd.Series(history[k], dtype=float) for k in columns})
+    table.insert(0, "epoch", range(len(table)))
+    write_atomic(path, table.to_csv(index=False))
 
 
 def plot_history(history: dict, path, title: str = "") -> None:
@@ -262,6 +270,10 @@ def run(cfg: Config, out_dir, report=print) -> dict:
     splits.save(out_dir)
     report(f"training on {splits.sizes()} images at {cfg.model.image_size} px -> {out_dir}")
     metrics, model = train(cfg, splits, out_dir=out_dir)
+    if metrics["diverged"]:
+        kept = f"kept epoch {metrics['best_epoch']}" if metrics["best_epoch"] else "no epoch to keep"
+        report(f"warning: training diverged at epoch {metrics['epochs_run']} (loss or validation MAE not "
+               f"finite; lower train.learning_rate); {kept}")
     plot_history(metrics["history"], out_dir / "learning_curves.png", title=str(out_dir.name))
     results = {"train": {k: v for k, v in metrics.items() if k != "history"}}
     for name, frame in (("test", splits.test), ("external_test", external)):

@@ -47,9 +47,11 @@ def split_calibration(val: pd.DataFrame, fraction: float, seed: int) -> tuple[pd
 
 
 def load_members(checkpoints, image_size: int, report=print) -> list[tuple[str, object]]:
-    """[(trial_id, model)] from Ray checkpoints [(trial_id, Checkpoint)] of the same image size."""
+    """[(trial_id, model)] from Ray checkpoints [(trial_id, Checkpoint)] of the same image size,
+    each with the weights of its trial's best epoch (the epoch that ranked it)."""
     from boneage.ensemble import image_size as size_of
     from boneage.export import load_exported
+    from boneage.progress import BEST_WEIGHTS, load_weights_file
     from tuning.trainable import CHECKPOINT_MODEL
 
     members = []
@@ -57,6 +59,8 @@ def load_members(checkpoints, image_size: int, report=print) -> list[tuple[str, 
         try:
             with checkpoint.as_directory() as folder:
                 model = load_exported(Path(folder) / CHECKPOINT_MODEL)
+                if (Path(folder) / BEST_WEIGHTS).is_file():  # its best epoch came before this checkpoint
+                    model.set_weights(load_weights_file(Path(folder) / BEST_WEIGHTS))
         except (InputError, OSError) as err:
             report(f"ensemble: skipping trial {trial_id}: {err}")
             continue

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +180,9 @@ def _trials_table(trials: pd.DataFrame) -> str:
             value = row[key]
             if isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_)):
                 shown = _num(float(value), ".0f" if key == "time_s" else ".2f" if "mae" in key else ".4g")
-                cells.append(f'<td class="num" data-value="{float(value) if pd.notna(value) else "NaN"}">{shown}</td>')
+                number = float(value) if pd.notna(value) else "NaN"  # JavaScript reads Infinity, not inf
+                number = {math.inf: "Infinity", -math.inf: "-Infinity"}.get(number, number)
+                cells.append(f'<td class="num" data-value="{number}">{shown}</td>')
             else:
                 cells.append(f"<td>{_e('' if pd.isna(value) else value)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")

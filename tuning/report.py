@@ -4,7 +4,7 @@
     path = write_report(exp_dir, trials, study, summary)   # exp_dir/report.md + PNGs next to it
     print(format_summary(summary))
 
-`trials`: trial_id, status (completed, stopped_early, error, running), epochs, best_val_mae,
+`trials`: trial_id, status (completed, stopped_early, diverged, error, running), ended, epochs, best_val_mae,
 last_val_mae, val_mae_per_epoch (a list), time_s, node_id (Ray's), host, and `param.<name>` per searched parameter.
 `study`: the Optuna study or None. `summary`: name, best {trial_id, val_mae, params, epochs},
 test_metrics (boneage.evaluate's dict) or None, retrain_epochs, predictions_csv, wall_time_s,

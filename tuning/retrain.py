@@ -6,6 +6,9 @@ The retrain uses train + validation for as many epochs as the best trial needed 
 best validation MAE, with a cosine schedule (it has no validation set to watch), then is tested
 once on the held-out test split. It runs as a Ray task holding the GPUs it needs, so on a
 cluster it lands on a GPU worker, with every GPU of that node (MirroredStrategy) by default.
+It checkpoints every epoch into the experiment's storage (`tuning.retrain_checkpoint`), so a
+retrain that was killed continues from its last epoch when it runs again. A diverged trial
+(`diverged` in its reports) is never the one retrained, nor an ensemble member.
 A stratified part of the validation split (`tune.calibration_fraction`) is held out of that
 retrain to calibrate split-conformal prediction intervals, and the retrained model is compared
 with the top-k ensemble and test-time augmentation (`tuning.assess`).
@@ -37,8 +40,9 @@ def collect_trials(results, cfg: SearchConfig, progress: dict | None = None) -> 
         history = result.metrics_dataframe
         curve = [float(v) for v in history["val_mae"]] if history is not None and "val_mae" in history else []
         epochs = int(result.metrics.get("epoch", len(curve)) or 0)
-        status = ("error" if result.error else
-                  "stopped_early" if epochs < cfg.train.epochs else "completed")
+        own = str(result.metrics.get("ended") or "")  # why the trial ended, when it knows itself
+        status = ("error" if result.error else "diverged" if result.metrics.get("diverged") else
+                  "completed" if own == "completed" or epochs >= cfg.train.epochs else "stopped_early")
         row = {"trial_id": str(result.metrics.get("trial_id", Path(result.path).name)), "status": status,
                "epochs": epochs, "best_val_mae": min(curve) if curve else math.nan,
                "last_val_mae": curve[-1] if curve else math.nan, "val_mae_per_epoch": curve,
@@ -47,15 +51,28 @@ def collect_trials(results, cfg: SearchConfig, progress: dict | None = None) -> 
         params = {k: v for k, v in (result.config or {}).items() if k in cfg.tune.space}
         row.update({f"param.{k}": v for k, v in params.items()})
         row["best_epoch"] = int(result.metrics.get("best_epoch", 0) or 0)
-        row["ended"] = end_reason(result, status, epochs, cfg, progress or {})
+        row["ended"] = own_end_reason(own, status, epochs, cfg) or end_reason(result, status, epochs, cfg, progress or {})
         rows.append(row)
     if not rows:
         raise InputError("the search produced no trials")
     return pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
 
 
+def own_end_reason(own: str, status: str, epochs: int, cfg: SearchConfig) -> str | None:
+    """Why a trial ended as it reported it itself (boneage.progress.Progress), or None when Ray
+    stopped it (ASHA, a budget) or it failed: `end_reason` tells those."""
+    if status == "diverged":
+        return f"diverged at epoch {epochs}: loss or validation MAE not finite"
+    if status == "error":
+        return None
+    if own == "early_stopping":
+        return (f"early stopping after epoch {epochs}: validation MAE not better for "
+                f"{cfg.train.early_stopping_patience} epochs")
+    return None
+
+
 def end_reason(result, status: str, epochs: int, cfg: SearchConfig, progress: dict) -> str:
-    """Why a trial ended, for the report: its error, all epochs, or which stop it met. ASHA's
+    """Why Ray ended a trial, for the report: its error, all epochs, or which stop it met. ASHA's
     stops and the budget that ended the search come from tuning.progress's saved state."""
     if status == "error":
         lines = str(result.error).strip().splitlines() or ["unknown error"]
@@ -69,7 +86,7 @@ def end_reason(result, status: str, epochs: int, cfg: SearchConfig, progress: di
         return f"stopped after epoch {epochs}: the search's time budget ({cfg.tune.time_budget_s:g} s) was spent"
     if progress.get("budget_stop") == "gpu_hour_budget":
         return f"stopped after epoch {epochs}: the search's GPU-hour budget ({cfg.tune.gpu_hours_budget:g}) was spent"
-    return f"stopped after epoch {epochs}: early stopping"
+    return f"stopped after epoch {epochs}: the search was stopped"
 
 
 def best_config(cfg: SearchConfig, trials: pd.DataFrame) -> tuple[SearchConfig, pd.Series]:
@@ -77,8 +94,11 @@ def best_config(cfg: SearchConfig, trials: pd.DataFrame) -> tuple[SearchConfig, 
     from tuning.space import apply_params
 
     finished = trials[trials["best_val_mae"].notna()]
+    if "status" in finished:  # a diverged trial is never chosen, however good an epoch before looked
+        finished = finished[finished["status"] != "diverged"]
     if finished.empty:
-        raise InputError("no trial reported a validation MAE; see the trials' error.txt files")
+        raise InputError("no trial reported a validation MAE without diverging; see trials.csv and the "
+                         "trials' error.txt files")
     best = finished.loc[finished["best_val_mae"].idxmin()]
     params = {k[len("param."):]: v for k, v in best.items() if k.startswith("param.")}
     params = {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
@@ -102,18 +122,35 @@ def retrain_best(cfg_dict: dict, splits, exp, checkpoints=()) -> dict:
     gpu_ids = context.get_accelerator_ids().get("GPU", [])
     setup = setup_process(cfg, max(1, int(assigned.get("CPU", 1))), float(assigned.get("GPU", 0.0)), gpu_ids,
                           what="retrain")
-    with exp.writer("final", "model") as folder:
-        results = retrain_and_export(cfg, splits, folder, checkpoints)
+    results = retrain_into(exp, cfg, splits, checkpoints)
     return {**results, "node": socket.gethostname(), "node_id": context.get_node_id(), "gpus": len(gpu_ids),
             "tensorflow_gpus": setup.gpus}
 
 
-def retrain_and_export(cfg: SearchConfig, splits, local_dir: Path, checkpoints=()) -> dict:
+def retrain_into(exp, cfg: SearchConfig, splits, checkpoints=()) -> dict:
+    """retrain_and_export into the experiment's storage (final/ and model/), with a checkpoint
+    every epoch in the storage (`tuning.retrain_checkpoint`): a retrain of the same config that
+    was killed continues from its last epoch. The checkpoint goes once the export is stored."""
+    from tuning.retrain_checkpoint import RetrainCheckpoint
+
+    saver = RetrainCheckpoint(exp, cfg, splits.fingerprint)
+    try:
+        with exp.writer("final", "model") as folder:
+            results = retrain_and_export(cfg, splits, folder, checkpoints, saver)
+        saver.clear()
+    finally:
+        saver.close()
+    return results
+
+
+def retrain_and_export(cfg: SearchConfig, splits, local_dir: Path, checkpoints=(), saver=None) -> dict:
     """Train on train + val less the calibration part (mirrored over every GPU of the process),
     compare with the ensemble and TTA and calibrate the intervals (tuning.assess), test, export
-    to local_dir/model; history, test predictions, variants and the gallery in local_dir/final."""
+    to local_dir/model; history, test predictions, variants and the gallery in local_dir/final.
+    `saver`: a RetrainCheckpoint to continue from and to save every epoch into."""
     from boneage.evaluate import evaluate
     from boneage.export import export_model
+    from boneage.progress import Progress
     from boneage.splits import Splits
     from boneage.train import train
     from tuning.assess import assess, load_members, split_calibration
@@ -123,7 +160,15 @@ def retrain_and_export(cfg: SearchConfig, splits, local_dir: Path, checkpoints=(
                       splits.test, splits.fingerprint, splits.root, splits.labels_fingerprint)
     final_dir = local_dir / "final"
     started = time.time()
-    metrics, model = train(cfg, combined, out_dir=final_dir)
+    resume = saver.latest() if saver else None
+    if resume:
+        print(f"retrain: continuing from its checkpoint after epoch {resume.epoch} of {cfg.train.epochs}", flush=True)
+    progress = Progress(resume)
+    metrics, model = train(cfg, combined, out_dir=final_dir, resume=resume, progress=progress,
+                           callbacks=[saver.callback(progress)] if saver else [])
+    if metrics["diverged"]:  # no validation set, so no earlier epoch to fall back on
+        raise RuntimeError(f"the retrain diverged at epoch {metrics['epochs_run']} (its training loss is not "
+                           "finite) though its trial did not; nothing was exported. Search a lower learning rate")
     members = load_members(checkpoints, int(model.inputs[0].shape[1]))
     assessed = assess(cfg, model, members, calibration, splits.test, final_dir, metrics["age_mean"]) \
         if len(splits.test) else {"export_model": model, "intervals": None, "exported": "single"}
@@ -140,7 +185,8 @@ def retrain_and_export(cfg: SearchConfig, splits, local_dir: Path, checkpoints=(
         "training": {k: metrics[k] for k in ("replicas", "global_batch_size", "phases", "epochs_run")}},
         assessed["intervals"])
     assessed["intervals"] = assessed["intervals"] and assessed["intervals"].to_dict()
-    return {"test_metrics": test, "epochs": metrics["epochs_run"], "replicas": metrics["replicas"],
+    return {"test_metrics": test, "epochs": metrics["epochs_run"], "resumed_from": metrics["resumed_from"],
+            "replicas": metrics["replicas"],
             "global_batch_size": metrics["global_batch_size"], "phases": metrics["phases"],
             "seconds": time.time() - started, "calibration_images": len(calibration),
             "trained_on": trained_on, **assessed}
@@ -148,10 +194,10 @@ def retrain_and_export(cfg: SearchConfig, splits, local_dir: Path, checkpoints=(
 
 def member_checkpoints(results, trials: pd.DataFrame, best_id: str, k: int) -> list:
     """[(trial_id, Checkpoint)] of the k-1 best trials after `best_id` that left a checkpoint,
-    leaving out any whose validation MAE is over twice the best's (a diverged trial would
-    spoil the average rather than help it)."""
+    leaving out diverged trials and any whose validation MAE is over twice the best's (they
+    would spoil the average rather than help it)."""
     by_id = {str(r.metrics.get("trial_id", Path(r.path).name)): r for r in results}
-    finished = trials[np.isfinite(trials["best_val_mae"].to_numpy(float))]
+    finished = trials[np.isfinite(trials["best_val_mae"].to_numpy(float)) & (trials["status"] != "diverged")]
     finished = finished[finished["best_val_mae"] <= 2 * finished["best_val_mae"].min()]
     ranked = finished.sort_values("best_val_mae", kind="stable")["trial_id"]
     found = [(t, by_id[t].checkpoint) for t in ranked if t != best_id and t in by_id and by_id[t].checkpoint]

@@ -3,7 +3,12 @@
 `run_trial(params, base, splits)` is what `tuning.search` hands to the Tuner. Each epoch a
 Keras callback reports the validation MAE in months (ASHA's signal) with `ray.tune.report`, and
 every `tune.checkpoint_every` epochs a checkpoint (the full .keras model with its optimizer
-state, plus the trial's best-so-far); a retried or resumed trial continues from it.
+state, the trial's best-so-far and, when its best epoch came earlier, that epoch's weights in
+best.weights.npz); a retried or resumed trial continues from it and still ends with its best
+weights. Each report says whether the trial `diverged` (its loss or validation MAE stopped
+being finite: it stops there, reporting val_mae inf) and, in its last report, why it `ended`
+when the trial itself knows (completed, early_stopping, diverged; "" while it runs or when Ray
+stopped it).
 
 TensorFlow is set up once, by `setup_process`, before it first touches a device: its thread
 pools (and tf.data's) sized from the trial's Ray CPU share, and its GPU either in memory-growth
@@ -54,41 +59,46 @@ def setup_process(cfg, cpus: int, gpu_share: float, gpu_ids, what: str = "trial"
     return setup
 
 
-def _make_reporter(every: int, resume, extra: dict):
+def _make_reporter(every: int, progress, extra: dict):
+    """The Keras callback that reports each epoch to Ray Tune. It runs after `progress` (the
+    run's `boneage.progress.Progress`), whose best epoch, divergence and end it reports."""
     import keras
 
     class ReportToTune(keras.callbacks.Callback):
-        """Per epoch: metrics to Ray Tune, with a checkpoint every `every` epochs."""
-
-        def __init__(self):
-            super().__init__()
-            self.best = resume.best_val_mae if resume else math.inf
-            self.best_epoch = resume.best_epoch if resume else 0
-            self.history = {k: list(v) for k, v in (resume.history if resume else {}).items()}
+        """Per epoch: metrics to Ray Tune, with a checkpoint every `every` epochs (and none of a
+        diverged epoch: its weights are useless, and the trial ends there anyway)."""
 
         def on_epoch_end(self, epoch, logs=None):
             logs = {k: float(v) for k, v in (logs or {}).items()}
-            for key, value in logs.items():
-                self.history.setdefault(key, []).append(value)
             val_mae = logs.get("val_mae", math.nan)
-            if not math.isfinite(val_mae):  # a diverged trial is the worst, not incomparable:
-                val_mae = math.inf          # ASHA cannot rank NaN and would let it run on
-            if val_mae < self.best:
-                self.best, self.best_epoch = val_mae, epoch + 1
+            if not math.isfinite(val_mae) or progress.diverged:  # a diverged trial is the worst, not
+                val_mae = math.inf                                 # incomparable: ASHA cannot rank NaN
             metrics = {"val_mae": val_mae, "train_mae": logs.get("mae"), "loss": logs.get("loss"),
-                       "epoch": epoch + 1, "best_val_mae": self.best, "best_epoch": self.best_epoch,
+                       "epoch": epoch + 1, "best_val_mae": progress.best_val_mae, "best_epoch": progress.best_epoch,
+                       "diverged": progress.diverged, "ended": progress.ended or "",
                        "learning_rate": logs.get("learning_rate"), "host": socket.gethostname(), **extra}
-            if (epoch + 1) % every:
+            if progress.diverged or (epoch + 1) % every:
                 tune.report(metrics)
                 return
             with tempfile.TemporaryDirectory() as folder:
                 self.model.save(Path(folder) / CHECKPOINT_MODEL)
-                state = {"epoch": epoch + 1, "best_val_mae": self.best, "best_epoch": self.best_epoch,
-                         "history": self.history, "node_id": extra.get("node_id")}
+                state = {"epoch": epoch + 1, "best_val_mae": progress.best_val_mae, "best_epoch": progress.best_epoch,
+                         "best_weights": progress.save_best(folder), "history": progress.history,
+                         "node_id": extra.get("node_id")}
                 (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps(state))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     return ReportToTune()
+
+
+def resume_from(folder: Path):
+    """The `boneage.train.Resume` of a trial checkpoint copied into `folder`."""
+    from boneage.train import Resume
+
+    state = json.loads((folder / CHECKPOINT_STATE).read_text())
+    best = state.get("best_weights")  # None: the best epoch is the checkpoint's own (or none yet)
+    return Resume(str(folder / CHECKPOINT_MODEL), state["epoch"], state["best_val_mae"], state["best_epoch"],
+                  state["history"], str(folder / best) if best else None)
 
 
 def run_trial(params: dict, base: dict, splits, expected) -> None:
@@ -110,7 +120,8 @@ def run_trial(params: dict, base: dict, splits, expected) -> None:
     check_node(expected, cfg)
     setup = setup_process(cfg, cpus, gpu_share, gpu_ids)
 
-    from boneage.train import Resume, train
+    from boneage.progress import Progress
+    from boneage.train import train
 
     resume, local = None, None
     checkpoint = tune.get_checkpoint()
@@ -118,13 +129,13 @@ def run_trial(params: dict, base: dict, splits, expected) -> None:
         local = Path(tempfile.mkdtemp(prefix="boneage-resume-"))
         with checkpoint.as_directory() as folder:
             shutil.copytree(folder, local, dirs_exist_ok=True)
-        state = json.loads((local / CHECKPOINT_STATE).read_text())
-        resume = Resume(str(local / CHECKPOINT_MODEL), state["epoch"], state["best_val_mae"],
-                        state["best_epoch"], state["history"])
+        resume = resume_from(local)
     extra = {"node_id": ray.get_runtime_context().get_node_id(), "gpu_share": gpu_share, "gpu_ids": ",".join(map(str, gpu_ids)),
              "gpu_memory_cap_mib": setup.memory_limit_mb or 0, "tensorflow_gpus": setup.gpus}
+    progress = Progress(resume)
     try:
-        train(cfg, splits, callbacks=[_make_reporter(cfg.tune.checkpoint_every, resume, extra)], resume=resume)
+        train(cfg, splits, callbacks=[_make_reporter(cfg.tune.checkpoint_every, progress, extra)], resume=resume,
+              progress=progress)
     finally:
         if local:
             shutil.rmtree(local, ignore_errors=True)
