@@ -21,11 +21,12 @@ def predict_table(model, frame, batch_size: int = 32, tta: bool = False, cache: 
     import tensorflow as tf
 
     from boneage.pipeline import make_dataset
+    from boneage.prepare import opened
 
     image_size = int(model.inputs[0].shape[1])
     include_sex = len(model.inputs) > 1
     ds = make_dataset(frame, image_size, batch_size, training=False, include_sex=include_sex,
-                      cache=cache, with_labels=False)
+                      cache=cache, with_labels=False, prepared=opened(frame, image_size))
     features = ds.map(lambda x, y: x)
     predictions = model.predict(features, verbose=0).reshape(-1)
     if tta:

@@ -10,8 +10,8 @@ Ray Tune runs the trials (`tuning.trainable`), Optuna's TPE picks their hyperpar
 `tune.space` (`tuning.space`), and ASHA stops the weak ones early on validation MAE. The Optuna
 study lives in SQLite inside the experiment folder (or at `tune.optuna_storage`, e.g.
 PostgreSQL on a cluster), so `optuna-dashboard sqlite:///EXPERIMENT/optuna.db` shows it and a
-resumed search continues it. The driver validates the config and the data, then leaves all
-TensorFlow work to Ray workers.
+resumed search continues it. The driver validates the config and the data, has every node
+prepare the images once (`boneage.prepare`), then leaves all TensorFlow work to Ray workers.
 """
 from __future__ import annotations
 
@@ -189,6 +189,9 @@ def search(cfg: SearchConfig, name: str, address: str | None = None, resume: boo
     print(f"data: {splits.sizes()} images from {splits.root}")
     started = time.time()
     start_ray(address)
+    from tuning.prepare import prepare_on_every_node
+
+    prepare_on_every_node(cfg, splits)
     results = make_tuner(cfg, name, splits, resume).fit()
     if unfinished_trials(results):
         raise SearchInterrupted(f"search {name} was interrupted; its state is saved. Continue it with:\n"
