@@ -79,7 +79,8 @@ def make_dataset(frame, image_size: int, batch_size: int, training: bool,
     2. decode       : read + decode + resize in parallel; the slow step, so it runs once...
     3. cache        : ...because the cache keeps the decoded uint8 images (`cache: memory`), or
                       `prepared` (a `boneage.prepare.PreparedImages`) already holds them all:
-                      then rows are read from its memory-mapped file instead of steps 1-3.
+                      then rows are read from its memory-mapped file instead of steps 1-3,
+                      whole batches at a time when nothing is augmented.
     4. shuffle      : training only, the whole set, reshuffled every epoch (after the cache,
                       or every epoch would see the same order).
     5. augment      : training only and strength > 0; after the shuffle so each epoch differs.
@@ -88,12 +89,21 @@ def make_dataset(frame, image_size: int, batch_size: int, training: bool,
     """
     male = frame["male"].astype(np.float32).to_numpy()[:, None]
     ages = frame["boneage"].astype(np.float32).to_numpy() if with_labels else np.zeros(len(frame), np.float32)
+    augmenting = training and augment_strength > 0
+
+    def as_features(x, m, y):
+        return ({"image": x, "male": m} if include_sex else {"image": x}), y
+
     if prepared is not None:
         if prepared.array.shape[1:] != (image_size, image_size):
             raise ValueError(f"prepared images are {prepared.array.shape[1]} px, not {image_size}")
         ds = tf.data.Dataset.from_tensor_slices((prepared.rows(frame), male, ages))
         if training:  # the same permutation as shuffling decoded images with this seed
             ds = ds.shuffle(len(frame), seed=seed, reshuffle_each_iteration=True)
+        if not augmenting:  # whole batches straight from the file: no per-image steps at all
+            ds = ds.batch(batch_size, drop_remainder=False).map(
+                lambda r, m, y: as_features(tf.cast(_read_rows(prepared.array, r), tf.float32), m, y))
+            return ds.prefetch(AUTOTUNE)
         ds = ds.batch(READ_BATCH).map(lambda r, m, y: (_read_rows(prepared.array, r), m, y)).unbatch()
         ds = ds.apply(tf.data.experimental.assert_cardinality(len(frame)))  # Keras counts steps
     else:
@@ -105,7 +115,7 @@ def make_dataset(frame, image_size: int, batch_size: int, training: bool,
             ds = ds.cache()
         if training:
             ds = ds.shuffle(len(frame), seed=seed, reshuffle_each_iteration=True)
-    if training and augment_strength > 0:
+    if augmenting:
         # A seeded random stream, redrawn each epoch, gives every element its own stateless
         # seed: reproducible runs, yet a new augmentation of each image every epoch.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
@@ -114,8 +124,7 @@ def make_dataset(frame, image_size: int, batch_size: int, training: bool,
             num_parallel_calls=AUTOTUNE)
     else:
         ds = ds.map(lambda x, m, y: (tf.cast(x, tf.float32), m, y))
-    ds = ds.map(lambda x, m, y: (({"image": x, "male": m} if include_sex else {"image": x}), y))
-    ds = ds.batch(batch_size, drop_remainder=False)
+    ds = ds.map(as_features).batch(batch_size, drop_remainder=False)
     return ds.prefetch(AUTOTUNE)
 
 

@@ -52,7 +52,7 @@ def test_prepared_pixels_and_batches_equal_the_decode_path(phantom_root, tmp_pat
     for row, path in zip(images.rows(frame)[:10], frame["path"][:10]):
         np.testing.assert_array_equal(images.array[row], prepare_image(tf.io.read_file(path), 71).numpy()[..., 0])
     # Same images, same shuffle, same augmentation as decoding PNGs and caching them in memory.
-    for training, strength in ((True, 0.5), (False, 0.0)):
+    for training, strength in ((True, 0.5), (True, 0.0), (False, 0.0)):
         args = dict(image_size=71, batch_size=16, training=training, augment_strength=strength, seed=3)
         for _ in range(2):  # two epochs: reshuffled alike
             cached = make_dataset(frame, prepared=images, **args)

@@ -168,7 +168,9 @@ def start_ray(address: str | None) -> None:
     os.environ.update(quiet)  # local workers inherit the driver's environment
     # Checkpointing every epoch with num_to_keep=1 is deliberate; Tune warns about it each time.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ray.init(address=address, runtime_env={"env_vars": quiet}, log_to_driver=True,
+    # No --address: a Ray of our own ("local"), never whatever other cluster runs on this machine
+    # (Ray's default would join the newest one it finds, and its owner's trials with it).
+    ray.init(address=address or "local", runtime_env={"env_vars": quiet}, log_to_driver=True,
              include_dashboard=False, configure_logging=False)
 
 
