@@ -2,8 +2,8 @@
 early stopping and against the notebook's fixed recipe, at equal budgets of trial-epochs, over
 several seeds, all through `python -m tuning.search` with the README demo's settings.
 
-    python benchmarks/search_efficiency.py               # 3 seeds, budget 30: about an hour on 2 cores
-    python benchmarks/search_efficiency.py --small       # 1 seed, budget 12: about 10 minutes
+    python benchmarks/search_efficiency.py               # 3 seeds, budget 20: about an hour on 2 cores
+    python benchmarks/search_efficiency.py --small       # 1 seed, budget 10: about 20 minutes
 
 - TPE + ASHA: configs/demo.yaml as it is (its space, grace period, reduction factor), with
   enough trials to spend the budget; its epochs are counted in the order they finished and the
@@ -66,12 +66,12 @@ def best_so_far(epochs, budget: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--budget", type=int, default=30, help="trial-epochs per method and seed")
-    parser.add_argument("--small", action="store_true", help="1 seed, budget 12 (about 10 minutes)")
+    parser.add_argument("--budget", type=int, default=20, help="trial-epochs per method and seed")
+    parser.add_argument("--small", action="store_true", help="1 seed, budget 10 (about 20 minutes)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     if args.small:
-        args.seeds, args.budget = 1, 12
+        args.seeds, args.budget = 1, 10
     demo = yaml.safe_load(DEMO.read_text())
     max_t = demo["train"]["epochs"]
     per_trial_asha = 2  # ASHA stops most trials at the first rung: plenty of trials to spend the budget
