@@ -1,6 +1,7 @@
-"""Command line: `python -m boneage {phantom,train,evaluate,export,predict} --help`.
+"""Command line: `python -m boneage {phantom,prepare,train,evaluate,export,predict} --help`.
 
     python -m boneage phantom --out data/phantom --n 2000 --seed 0
+    python -m boneage prepare --config configs/small.yaml [--size 96 --size 128]
     python -m boneage train --config configs/small.yaml --set train.epochs=3 --out runs/small
     python -m boneage evaluate runs/small/export --config configs/small.yaml
     python -m boneage export runs/small/best.keras --out runs/small/export2
@@ -14,8 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from boneage.config import Config
 from boneage.errors import EXIT_BAD_INPUT, InputError
 
 
@@ -35,6 +39,30 @@ def cmd_phantom(args) -> int:
     out = phantom.generate(Path(args.out), args.n, seed=args.seed, n_test=args.n_test,
                            width=args.width, height=args.height, progress=progress)
     print(f"phantom dataset in {out}")
+    return 0
+
+
+@dataclass
+class AnyRunConfig(Config):
+    """A training config, or a search config: its `tune` section is read and ignored."""
+    tune: dict[str, Any] = field(default_factory=dict)
+
+
+def cmd_prepare(args) -> int:
+    from boneage.config import load_config
+    from boneage.prepare import ensure_prepared, prepared_dir
+    from boneage.splits import load_splits
+
+    cfg = load_config(args.config, args.overrides, config_class=AnyRunConfig)
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads {args.threads}: must be at least 1")
+    for size in args.size or []:
+        if size < 8:
+            raise InputError(f"--size {size}: too small (at least 8 px)")
+    frame = load_splits(cfg.data).all()
+    for size in args.size or [cfg.model.image_size]:
+        images = ensure_prepared(frame, size, prepared_dir(cfg.data), threads=args.threads)
+        print(f"{len(frame)} images at {size} px ready in {images.manifest_path.parent}")
     return 0
 
 
@@ -110,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--height", type=int, default=160)
     p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("prepare", help="decode and resize every image once into a memory-mapped cache")
+    _config_args(p)
+    p.add_argument("--size", type=int, action="append", metavar="PX",
+                   help="resolution to prepare (repeatable; default the config's model.image_size)")
+    p.add_argument("--threads", type=int, help="decoding threads (default: every CPU this process may use)")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train, evaluate on the test split and export one model")
     _config_args(p)

@@ -43,7 +43,12 @@ class DataConfig:
     max_images: int = field(default=0, metadata=_range(0))  # 0 = all; else a seeded subsample
     drop_invalid: bool = False
     check_images: bool = True
-    cache: str = "memory"  # "memory", "none", or a file prefix for tf.data's on-disk cache
+    # "prepared": every image decoded once per resolution into a memory-mapped file that all
+    # trials share (boneage.prepare); "memory": decoded in each run's first epoch and kept in its
+    # memory; "none": decoded every epoch. (A file prefix is no longer accepted: train and
+    # validation wrote the same file.)
+    cache: Literal["prepared", "memory", "none"] = "prepared"
+    prepared_dir: str = ""  # where prepared images live; "" = $XDG_CACHE_HOME/boneage/prepared
 
 
 @dataclass
@@ -78,6 +83,8 @@ class TrainConfig:
     inter_op_threads: int = field(default=0, metadata=_range(0))
     tta: bool = False  # test-time augmentation at evaluation (boneage.tta: mirror, rotations, shifts)
     verbose: int = field(default=2, metadata=_range(0, 2))  # Keras fit verbosity
+    jit_compile: Optional[bool] = None  # XLA-compile the train step; None = with a GPU only
+    prefetch_to_device: Optional[bool] = None  # batches copied ahead to the GPU; None = with one GPU
 
 
 @dataclass

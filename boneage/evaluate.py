@@ -20,11 +20,12 @@ def predict_table(model, frame, batch_size: int = 32, tta: bool = False, cache: 
     """Predicted months for every row of `frame`, in order. TTA averages over the views of
     `boneage.tta` (mirror, small rotations and shifts)."""
     from boneage.pipeline import make_dataset
+    from boneage.prepare import opened
 
     image_size = int(model.inputs[0].shape[1])
     include_sex = len(model.inputs) > 1
     ds = make_dataset(frame, image_size, batch_size, training=False, include_sex=include_sex,
-                      cache=cache, with_labels=False)
+                      cache=cache, with_labels=False, prepared=opened(frame, image_size))
     features = ds.map(lambda x, y: x)
     if tta:
         from boneage.tta import predict_views

@@ -12,9 +12,9 @@ DIR/boneage-test-labels.csv (id,boneage,male) for the test images.
 How age maps to anatomy. Everything is driven by a "skeletal age" a = age_months for boys and
 a = age_months * 16/14 for girls, so girls mature earlier and fuse at 14 instead of 16 years:
   * proportions: metacarpal and phalanx lengths grow by ~28% relative to palm width (fingers
-    get long, the palm narrow as a fraction of hand length) and bone widths by 25%. Soft tissue
-    keeps its width relative to hand length, and the whole hand is then scaled to a random
-    size, so only proportions, never absolute size or silhouette area, carry age;
+    get long, the palm narrow as a fraction of hand length). Soft tissue keeps its width
+    relative to hand length, and the whole hand is then scaled to a random size, so only
+    proportions, never absolute size or silhouette area, carry age;
   * epiphyses: each phalanx, metacarpal and the distal radius/ulna gets a cap at one end that
     ossifies at its own age (radius ~1 y, phalanges/metacarpals 1.5-3.5 y, ulna ~7 y), grows
     from a dot to the full width of the shaft, and sits behind a dark growth-plate gap that
@@ -23,8 +23,12 @@ a = age_months * 16/14 for girls, so girls mature earlier and fuse at 14 instead
     months, triquetrum ~2.5 y, lunate ~4 y, trapezium/trapezoid/scaphoid ~5.5-6.5 y,
     pisiform ~11.5 y in boys, so all 8 by ~10 y in girls) and grow after they appear.
 Nuisance drawn independently of age: hand scale (0.75-1.1), position, rotation (+-15 deg),
-finger spread, background/tissue/bone intensities, an exposure gradient, blur and noise, so
-neither the brightness histogram nor the foreground area predicts age well.
+finger spread, background/tissue/bone intensities, an exposure gradient, blur and noise, and
+the share of the frame the bones cover (6-11%): caps, carpals and longer bones would make bone
+area grow with age, so the bone width is solved for that random share instead (thicker bones
+in a young hand, thinner in an old one: a shape cue, not a global one). Neither the brightness
+histogram, nor the bright or foreground area, nor their ratio then predicts age well
+(tests/test_phantom.py measures it on what the network sees).
 """
 
 import csv
@@ -41,6 +45,7 @@ from boneage.errors import InputError
 
 FUSION = 192.0  # skeletal age (months) at which every growth plate has closed
 FIRST_TRAIN_ID = 1377  # Kaggle's first training id
+GENERATOR_VERSION = 2  # in phantom.json: a dataset drawn by an older generator is not reused
 
 # Rays from the wrist (canonical units: palm width = 1, y towards the fingertips).
 # Each bone: (adult length, half-width at proximal end, mid-shaft, distal end,
@@ -70,7 +75,7 @@ CARPALS = [  # (x, y, full half-length, full radius, angle in degrees, onset in 
 
 
 def _ramp(x):
-    return float(np.clip(x, 0.0, 1.0))
+    return min(max(float(x), 0.0), 1.0)
 
 
 def _shaft(pieces, at, s_a, s_b, hw_a, hw_m, hw_b):
@@ -86,9 +91,8 @@ def _shaft(pieces, at, s_a, s_b, hw_a, hw_m, hw_b):
 
 def _ray(base, angle, bones, a, grow_len, widen, bone_pieces):
     """Lay a chain of bones along one ray; returns (distance to the last bone's end, point-on-ray function)."""
-    u = np.array([math.sin(math.radians(angle)), math.cos(math.radians(angle))])
-    n = np.array([u[1], -u[0]])
-    at = lambda s, off=0.0: np.asarray(base) + s * u + off * n  # noqa: E731
+    ux, uy = math.sin(math.radians(angle)), math.cos(math.radians(angle))
+    at = lambda s, off=0.0: (base[0] + s * ux + off * uy, base[1] + s * uy - off * ux)  # noqa: E731
     s = 0.0
     for length, hw_p, hw_m, hw_d, end, onset in bones:
         length *= grow_len
@@ -112,11 +116,12 @@ def _ray(base, angle, bones, a, grow_len, widen, bone_pieces):
     return s - 0.045, at
 
 
-def _layout(age_months, male, spread, jitter):
-    """Bones and soft tissue as capsules (p0, p1, r0, r1) in canonical hand coordinates."""
+def _layout(age_months, male, spread, jitter, widen):
+    """Bones and soft tissue as capsules (p0, p1, r0, r1) in canonical hand coordinates.
+    `widen` scales bone widths; soft tissue and hand length do not depend on it."""
     a = age_months if male else age_months * 16.0 / 14.0
     m = _ramp(a / 200.0)
-    grow_len, widen = 0.78 + 0.22 * m, 0.8 + 0.2 * m
+    grow_len = 0.78 + 0.22 * m
     # Soft tissue keeps its width relative to hand LENGTH, so once the hand is scaled to a random
     # size the silhouette's area does not shrink with age (which would leak age to a pixel counter).
     fat = 0.82 + 0.18 * m
@@ -166,10 +171,31 @@ def _draw(canvas, pieces, to_px, px_per_unit, shade):
         np.maximum(view, cover, out=view)
 
 
+def _area_in_frame(pieces, rot, shift, px_per_unit, width, height) -> float:
+    """Approximate pixel area of capsules (p0, p1, r0, r1) inside the frame: each one's axis is
+    clipped to the frame, then counted as a band of its mean width plus its round ends."""
+    ends = np.array([(*p0, *p1) for p0, p1, _, _ in pieces], np.float64).reshape(-1, 2, 2) @ rot.T + shift
+    r0 = np.array([r for _, _, r, _ in pieces]) * px_per_unit
+    r1 = np.array([a if b is None else b for _, _, a, b in pieces]) * px_per_unit
+    start, step = ends[:, 0], ends[:, 1] - ends[:, 0]
+    lo, hi = np.zeros(len(pieces)), np.ones(len(pieces))
+    with np.errstate(divide="ignore", invalid="ignore"):  # segments parallel to an edge
+        for axis, limit in ((0, width), (1, height)):  # clip each axis to [0, limit] (Liang-Barsky)
+            t0, t1 = -start[:, axis] / step[:, axis], (limit - start[:, axis]) / step[:, axis]
+            flat = np.abs(step[:, axis]) < 1e-9
+            inside = (start[:, axis] >= 0) & (start[:, axis] <= limit)
+            lo = np.maximum(lo, np.where(flat, np.where(inside, 0.0, 1.0), np.minimum(t0, t1)))
+            hi = np.minimum(hi, np.where(flat, np.where(inside, 1.0, 0.0), np.maximum(t0, t1)))
+    seen = lo < hi
+    band = (hi - lo) * np.hypot(*step.T) * (r0 + r1) + np.pi * (r0 * r0 + r1 * r1) / 2
+    return float(band[seen].sum())
+
+
 def render_hand(age_months: float, male: bool, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """One phantom radiograph of a left hand, PA view, as uint8 (height, width); all nuisance comes from rng."""
     spread = rng.uniform(0.6, 1.9)
-    bones, tissue, hand_len = _layout(age_months, male, spread, rng.normal(0.0, 1.5, len(FINGERS)))
+    jitter = rng.normal(0.0, 1.5, len(FINGERS))
+    _, tissue, hand_len = _layout(age_months, male, spread, jitter, 1.0)
     # Similarity transform canonical -> pixels. Scale is relative to the frame, so the size of the
     # hand in pixels says nothing about age.
     px_per_unit = rng.uniform(0.75, 1.1) * 0.68 * height / hand_len
@@ -188,6 +214,20 @@ def render_hand(age_months: float, male: bool, rng: np.random.Generator, width: 
 
     def to_px(p):
         return rot @ np.asarray(p) + shift
+
+    # Bone area: with age, bones lengthen, caps and carpals appear and growth plates close, so
+    # bone would cover ever more of the hand, and a pixel counter would read age from it. Instead
+    # the bones cover a random share of the frame, drawn independently of age, reached by choosing
+    # their width: the area is quadratic in the width factor, so three layouts fix it.
+    target = rng.uniform(0.06, 0.11) * width * height
+    trial = np.array([0.5, 1.0, 1.5])
+    areas = [_area_in_frame(_layout(age_months, male, spread, jitter, w)[0], rot, shift, px_per_unit, width, height)
+             for w in trial]
+    c2, c1, c0 = np.polyfit(trial, areas, 2)
+    roots = np.roots([c2, c1, c0 - target])
+    roots = roots[np.isreal(roots) & (roots.real > 0)].real
+    widen = float(np.clip(roots.min() if roots.size else 1.0, 0.55, 1.6))
+    bones, _, _ = _layout(age_months, male, spread, jitter, widen)
 
     soft = np.zeros((height, width), np.float32)
     bone = np.zeros((height, width), np.float32)
@@ -228,7 +268,8 @@ def generate(out_dir, n: int, seed: int = 0, n_test: int | None = None,
     if n < 1 or n_test < 1 or width < 32 or height < 32:
         raise InputError(f"phantom: need n >= 1, n_test >= 1 and a size of at least 32x32, "
                          f"got n={n}, n_test={n_test}, {width}x{height}")
-    params = {"n": int(n), "seed": int(seed), "n_test": int(n_test), "width": int(width), "height": int(height)}
+    params = {"n": int(n), "seed": int(seed), "n_test": int(n_test), "width": int(width), "height": int(height),
+              "version": GENERATOR_VERSION}
     if _existing(out_dir, params):
         return out_dir
 

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
+READ_BATCH = 64  # rows gathered from a prepared cache per call into numpy
 
 
 def prepare_image(png_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -71,12 +72,16 @@ def augment(image: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:
 
 def make_dataset(frame, image_size: int, batch_size: int, training: bool,
                  augment_strength: float = 0.0, include_sex: bool = True, seed: int = 0,
-                 cache: str = "memory", with_labels: bool = True, threads: int = 0) -> tf.data.Dataset:
+                 cache: str = "memory", with_labels: bool = True, prepared=None,
+                 threads: int = 0) -> tf.data.Dataset:
     """The whole input pipeline, in a fixed order that each step depends on:
 
     1. list files   : (path, male, age) rows, in the frame's order.
     2. decode       : read + decode + resize in parallel; the slow step, so it runs once...
-    3. cache        : ...because the cache keeps the decoded uint8 images (memory or a file).
+    3. cache        : ...because the cache keeps the decoded uint8 images (`cache: memory`), or
+                      `prepared` (a `boneage.prepare.PreparedImages`) already holds them all:
+                      then rows are read from its memory-mapped file instead of steps 1-3,
+                      whole batches at a time when nothing is augmented.
     4. shuffle      : training only, the whole set, reshuffled every epoch (after the cache,
                       or every epoch would see the same order).
     5. augment      : training only and strength > 0; after the shuffle so each epoch differs.
@@ -86,19 +91,35 @@ def make_dataset(frame, image_size: int, batch_size: int, training: bool,
     `threads` > 0 gives the whole pipeline a private pool of that many threads, so a process
     holding a share of a node's CPUs (a Ray trial) does not run tf.data on every core.
     """
-    paths = frame["path"].astype(str).to_numpy()
     male = frame["male"].astype(np.float32).to_numpy()[:, None]
     ages = frame["boneage"].astype(np.float32).to_numpy() if with_labels else np.zeros(len(frame), np.float32)
-    ds = tf.data.Dataset.from_tensor_slices((paths, male, ages))
-    ds = ds.map(lambda p, m, y: (prepare_image(tf.io.read_file(p), image_size), m, y),
-                num_parallel_calls=AUTOTUNE, deterministic=True)
-    if cache == "memory":
-        ds = ds.cache()
-    elif cache and cache != "none":
-        ds = ds.cache(f"{cache}-{image_size}px")
-    if training:
-        ds = ds.shuffle(len(frame), seed=seed, reshuffle_each_iteration=True)
-    if training and augment_strength > 0:
+    augmenting = training and augment_strength > 0
+
+    def as_features(x, m, y):
+        return ({"image": x, "male": m} if include_sex else {"image": x}), y
+
+    if prepared is not None:
+        if prepared.array.shape[1:] != (image_size, image_size):
+            raise ValueError(f"prepared images are {prepared.array.shape[1]} px, not {image_size}")
+        ds = tf.data.Dataset.from_tensor_slices((prepared.rows(frame), male, ages))
+        if training:  # the same permutation as shuffling decoded images with this seed
+            ds = ds.shuffle(len(frame), seed=seed, reshuffle_each_iteration=True)
+        if not augmenting:  # whole batches straight from the file: no per-image steps at all
+            ds = ds.batch(batch_size, drop_remainder=False).map(
+                lambda r, m, y: as_features(tf.cast(_read_rows(prepared.array, r), tf.float32), m, y))
+            return _finish(ds, threads)
+        ds = ds.batch(READ_BATCH).map(lambda r, m, y: (_read_rows(prepared.array, r), m, y)).unbatch()
+        ds = ds.apply(tf.data.experimental.assert_cardinality(len(frame)))  # Keras counts steps
+    else:
+        paths = frame["path"].astype(str).to_numpy()
+        ds = tf.data.Dataset.from_tensor_slices((paths, male, ages))
+        ds = ds.map(lambda p, m, y: (prepare_image(tf.io.read_file(p), image_size), m, y),
+                    num_parallel_calls=AUTOTUNE, deterministic=True)
+        if cache == "memory":
+            ds = ds.cache()
+        if training:
+            ds = ds.shuffle(len(frame), seed=seed, reshuffle_each_iteration=True)
+    if augmenting:
         # A seeded random stream, redrawn each epoch, gives every element its own stateless
         # seed: reproducible runs, yet a new augmentation of each image every epoch.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
@@ -107,11 +128,29 @@ def make_dataset(frame, image_size: int, batch_size: int, training: bool,
             num_parallel_calls=AUTOTUNE)
     else:
         ds = ds.map(lambda x, m, y: (tf.cast(x, tf.float32), m, y))
-    ds = ds.map(lambda x, m, y: (({"image": x, "male": m} if include_sex else {"image": x}), y))
-    ds = ds.batch(batch_size, drop_remainder=False)
+    ds = ds.map(as_features).batch(batch_size, drop_remainder=False)
+    return _finish(ds, threads)
+
+
+def _finish(ds: tf.data.Dataset, threads: int) -> tf.data.Dataset:
+    """Prefetch (overlap the pipeline with the training step), on a private pool of `threads`."""
     ds = ds.prefetch(AUTOTUNE)
     if threads:
         options = tf.data.Options()
         options.threading.private_threadpool_size = threads
         ds = ds.with_options(options)
     return ds
+
+
+def _read_rows(array: np.ndarray, rows: tf.Tensor) -> tf.Tensor:
+    """Rows of a memory-mapped (N, size, size) uint8 array as [n, size, size, 1]: only those
+    pages are read, so processes sharing the file share its pages instead of copying it."""
+    size = array.shape[1]
+    images = tf.numpy_function(lambda r: array[np.asarray(r)], [rows], tf.uint8, stateful=False)
+    return tf.reshape(images, [-1, size, size, 1])
+
+
+def to_device(ds: tf.data.Dataset, device: str) -> tf.data.Dataset:
+    """Copy batches ahead onto `device` (e.g. "/gpu:0"), overlapping the host-to-GPU copy with
+    the previous step. It must be the dataset's last transformation."""
+    return ds.apply(tf.data.experimental.prefetch_to_device(device, buffer_size=2))

@@ -41,6 +41,10 @@ class Splits:
     def sizes(self) -> dict:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
+    def all(self) -> pd.DataFrame:
+        """The three parts in one table (what `boneage.prepare` caches)."""
+        return pd.concat([f for f in (self.train, self.val, self.test) if len(f)], ignore_index=True)
+
 
 def resolve_root(cfg: DataConfig, report=print) -> Path:
     if not cfg.root:
@@ -62,8 +66,14 @@ def load_dataset(cfg: DataConfig, report=print, images: bool = True) -> tuple[Pa
     """(root, the checked table to split), subsampled to `max_images`. images=False reads and
     checks the labels alone (the images are elsewhere, and checked there)."""
     root = resolve_root(cfg, report)
+    trusted = set()
+    if images and cfg.cache == "prepared":  # images already prepared were checked then, and may be gone since
+        from boneage.prepare import prepared_dir, trusted_images
+
+        trusted = trusted_images(prepared_dir(cfg), data.find_image_dir(root, "training"))
     table = data.load_table(root, "training", drop_invalid=cfg.drop_invalid,
-                            check_images=cfg.check_images if images else None, report=report)
+                            check_images=cfg.check_images if images else None, report=report,
+                            trusted=trusted)
     if cfg.max_images and cfg.max_images < len(table):
         table = table.sample(n=cfg.max_images, random_state=cfg.split_seed).reset_index(drop=True)
     return root, table

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from boneage import runtime
 from boneage.config import Config, TrainConfig
 from boneage.errors import InputError
 from boneage.model import build_model, set_frozen_blocks
-from boneage.pipeline import make_dataset
+from boneage.pipeline import make_dataset, to_device
 from boneage.progress import Progress
 from boneage.splits import Splits
 
@@ -55,12 +56,23 @@ class ZScoreLoss(keras.losses.Loss):
 
 def _compile(model, cfg: Config, learning_rate, age_std: float) -> None:
     t = cfg.train
+    jit_compile = _xla_by_default() if t.jit_compile is None else t.jit_compile
     if t.optimizer == "adamw":
         optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=t.weight_decay or 0.0)
     else:
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate, weight_decay=t.weight_decay or None)
     model.compile(optimizer=optimizer, loss=ZScoreLoss(t.loss, age_std),
-                  metrics=[keras.metrics.MeanAbsoluteError(name="mae")])
+                  metrics=[keras.metrics.MeanAbsoluteError(name="mae")], jit_compile=jit_compile)
+
+
+def _xla_by_default() -> bool:
+    """XLA when this process computes on one GPU. Keras' "auto" looks at the physical devices, so
+    it compiles for a GPU that TensorFlow listed but could not start (a CPU run that then spends
+    minutes compiling Xception); the logical devices say where the work really runs. Like Keras,
+    not under a multi-replica strategy (XLA there needs every op supported on every replica)."""
+    import tensorflow as tf
+
+    return bool(tf.config.list_logical_devices("GPU")) and tf.distribute.get_strategy().num_replicas_in_sync == 1
 
 
 @dataclass
@@ -136,10 +148,11 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
     age_mean = float(splits.train["boneage"].mean())
     age_std = float(max(splits.train["boneage"].std(ddof=0), 1.0))
     common = dict(image_size=m.image_size, batch_size=batch_size, include_sex=m.use_sex, cache=cfg.data.cache,
-                  threads=t.intra_op_threads)
+                  threads=t.intra_op_threads, prepared=_prepared(cfg, splits))
     train_ds = make_dataset(splits.train, training=True, augment_strength=t.augment_strength, seed=t.seed, **common)
     has_val = len(splits.val) > 0
     val_ds = make_dataset(splits.val, training=False, **common) if has_val else None
+    train_ds, val_ds = _onto_device(t.prefetch_to_device, train_ds, val_ds)
     out_dir = Path(out_dir) if out_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +225,32 @@ def train(cfg: Config, splits: Splits, callbacks=(), out_dir=None, resume: Resum
         "history": history,
     }
     return metrics, model
+
+
+def _prepared(cfg: Config, splits: Splits):
+    """With `data.cache: prepared`, the images of all three splits from the node's prepared
+    cache (built here, once per node, if no process built it yet)."""
+    if cfg.data.cache != "prepared":
+        return None
+    from boneage.prepare import ensure_prepared, prepared_dir
+
+    return ensure_prepared(splits.all(), cfg.model.image_size, prepared_dir(cfg.data),
+                           threads=cfg.train.intra_op_threads or None)
+
+
+def _onto_device(flag, *datasets):
+    """Prefetch batches to the GPU: `flag` None = when this process has exactly one GPU (with
+    several, MirroredStrategy feeds them itself); True forces it (onto the CPU without a GPU)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if flag is False or (flag is None and len(gpus) != 1):
+        return datasets
+    # The copy hides the datasets' length from Keras, which then warns at the end of the first
+    # epoch that the data "ran out": it did, at the end of the epoch, as it should.
+    warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
+    device = gpus[0].name if gpus else "/cpu:0"
+    return tuple(ds if ds is None else to_device(ds, device) for ds in datasets)
 
 
 def _write_history(history: dict, path: Path) -> None:

@@ -12,6 +12,15 @@ SAMPLE_DATA = os.environ.get("BONEAGE_SAMPLE_DATA")
 needs_sample = pytest.mark.skipif(not SAMPLE_DATA, reason="set BONEAGE_SAMPLE_DATA to an RSNA-layout folder")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prepared_cache_home(tmp_path_factory) -> Path:
+    """Prepared images (boneage.prepare) of this session go to its own folder, not ~/.cache;
+    subprocesses (the search CLI, Ray workers) inherit it."""
+    home = tmp_path_factory.mktemp("cache-home")
+    os.environ["XDG_CACHE_HOME"] = str(home)
+    return home / "boneage" / "prepared"
+
+
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
     """60 training + 8 test phantom radiographs in the RSNA layout."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
-from sklearn.linear_model import RidgeCV
+from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.model_selection import KFold
 
 from boneage import phantom
@@ -108,23 +108,47 @@ def _otsu(img):
     return int(np.argmax(between))
 
 
-def test_histogram_and_area_do_not_predict_age():
-    """A linear model on the intensity histogram + foreground area must do little better than
-    predicting the mean age: age has to be read from shape, not from brightness or size."""
-    features, ages = [], []
-    for i in range(400):
+def _global_features(img):
+    """Whole-image statistics a shortcut could use: histogram, fractions above grey levels,
+    mean and spread, foreground (hand) area and its brightness, upper percentiles."""
+    v = img.ravel().astype(float)
+    fg = v[v > _otsu(img)]
+    return np.r_[np.bincount(img.ravel() // 16, minlength=16) / v.size,
+                 [(v > g).mean() for g in (16, 32, 64, 96, 128, 160, 192, 224)],
+                 v.mean(), v.std(), fg.size / v.size, fg.mean() if fg.size else 0.0, fg.std() if fg.size else 0.0,
+                 np.percentile(v, [50, 75, 90, 95, 99])]
+
+
+def test_global_intensity_and_area_statistics_do_not_predict_age():
+    """On what the network sees (PNG -> prepare_image at 80 px), gradient boosting on global
+    statistics must do little better than predicting the mean age (>= 0.8x its MAE, 5-fold, 1,200
+    images): age has to be read from shape. Measured: 0.94 (the phantom before bone area was
+    decoupled from age: 0.50)."""
+    import io
+
+    import tensorflow as tf
+
+    from boneage.pipeline import prepare_image
+
+    pngs, ages = [], []
+    for i in range(1200):
         age, male, img = phantom._label_and_image(11, 0, i, 128, 160)
+        buffer = io.BytesIO()
+        Image.fromarray(img).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+        ages.append(age)
+    seen = tf.data.Dataset.from_tensor_slices(pngs).map(lambda p: prepare_image(p, 80)).batch(400)
+    images = np.concatenate([batch.numpy()[..., 0] for batch in seen])
+    for i, img in enumerate(images):
         fg = (img > _otsu(img)).mean()
         assert 0.05 < fg < 0.8, f"image {i} looks blank or flooded (foreground {fg:.2f})"
-        features.append(np.r_[np.bincount(img.ravel() // 8, minlength=32) / img.size, fg])
-        ages.append(age)
-    X, y = np.array(features), np.array(ages, float)
+    X, y = np.array([_global_features(img) for img in images]), np.array(ages, float)
     assert 110 < y.mean() < 145 and 30 < y.std() < 50  # RSNA-like labels
 
-    ridge_err, mean_err = [], []
+    model_err, mean_err = [], []
     for train, held in KFold(5, shuffle=True, random_state=0).split(X):
-        model = RidgeCV(alphas=np.logspace(-6, 3, 30)).fit(X[train], y[train])
-        ridge_err.append(np.abs(model.predict(X[held]) - y[held]))
+        model = HistGradientBoostingRegressor(random_state=0).fit(X[train], y[train])
+        model_err.append(np.abs(model.predict(X[held]) - y[held]))
         mean_err.append(np.abs(y[train].mean() - y[held]))
-    ratio = np.concatenate(ridge_err).mean() / np.concatenate(mean_err).mean()
-    assert ratio >= 0.7, f"histogram+area predict age too well: ridge/mean MAE = {ratio:.2f}"
+    ratio = np.concatenate(model_err).mean() / np.concatenate(mean_err).mean()
+    assert ratio >= 0.8, f"global statistics predict age too well: boosting/mean MAE = {ratio:.2f}"

@@ -1,6 +1,7 @@
 """The tuning system end to end: a real Ray Tune search with OptunaSearch and ASHA on a tiny
-phantom set (one search, shared by the tests that inspect it), then an interrupted search
-resumed without re-running its finished trials. Each search runs as the real CLI would."""
+phantom set (one search, shared by the tests that inspect it, run from prepared images whose
+PNGs are then gone or garbage), then an interrupted search resumed without re-running its
+finished trials. Each search runs as the real CLI would."""
 import json
 import math
 import os
@@ -47,13 +48,47 @@ def run_search(*args, timeout=900):
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def prepare_then_spoil(root, config) -> dict:
+    """`python -m boneage prepare`, then half the training PNGs moved away and half overwritten
+    with garbage of the same size and time (only a decode would notice): what follows must run
+    from the prepared images alone. Returns the cache's manifest."""
+    proc = subprocess.run([sys.executable, "-m", "boneage", "prepare", "--config", str(config)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ready in" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    manifest = _manifest_of(root)
+    away = root.parent / "moved-away"
+    away.mkdir()
+    for i, png in enumerate(sorted((root / "boneage-training-dataset").glob("*.png"))):
+        if i % 2:
+            png.rename(away / png.name)
+        else:
+            stat = png.stat()
+            png.write_bytes(os.urandom(stat.st_size))
+            os.utime(png, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return manifest
+
+
+def _manifest_of(root) -> dict:
+    """The manifest of the (only) prepared cache of root's images, in this session's cache home."""
+    folder = Path(os.environ["XDG_CACHE_HOME"]) / "boneage" / "prepared"
+    manifests = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    (manifest,) = [m for m in manifests if m["images"][0][0].startswith(f"{root}{os.sep}")]
+    return manifest
+
+
 @pytest.fixture(scope="session")
 def finished_search(tmp_path_factory, phantom_root):
+    import shutil
+
     tmp_path = tmp_path_factory.mktemp("search")
-    config = search_config(tmp_path, phantom_root, GOOD_RATES + [BAD_RATE], export_ensemble=True,
+    root = Path(shutil.copytree(phantom_root, tmp_path / "data"))
+    config = search_config(tmp_path, root, GOOD_RATES + [BAD_RATE], export_ensemble=True,
                            gallery_size=4, mlflow=True)
+    manifest = prepare_then_spoil(root, config)
     proc = run_search("--config", str(config), "--name", "tiny")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "preparing" not in proc.stdout  # neither the driver nor a trial decoded anything
+    assert _manifest_of(root)["data_file"] == manifest["data_file"]  # the very cache prepared above
     return tmp_path / "experiments" / "tiny", proc.stdout
 
 

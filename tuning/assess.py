@@ -140,16 +140,19 @@ def write_gallery(model, test: pd.DataFrame, predicted, intervals, out_dir, coun
     """Grad-CAM overlays of the `count` test images with the largest absolute error."""
     from boneage.ensemble import image_size
     from boneage.explain import GradCam, load_image, save_overlay
+    from boneage.prepare import opened
 
     if not count or not len(test):
         return []
+    prepared = opened(test, image_size(model))  # the images as trained on, even if the PNGs are gone
     out_dir = Path(out_dir)
     errors = np.abs(np.asarray(predicted) - test["boneage"].to_numpy(float))
     explain = GradCam(model)
     entries = []
     for rank, row in enumerate(np.argsort(-errors, kind="stable")[:count], start=1):
         case = test.iloc[row]
-        image = load_image(case["path"], image_size(model))
+        image = (prepared.array[prepared.rows(test.iloc[[row]])[0]][..., None] if prepared is not None
+                 else load_image(case["path"], image_size(model)))
         heat, months = explain(image, bool(case["male"]))
         name = f"worst_{rank:02d}.png"
         entry = {"file": f"{GALLERY}/{name}", "id": str(case["id"]), "male": bool(case["male"]),

@@ -13,7 +13,8 @@ experiment lives in `tune.storage_path` (a folder, a shared file system or s3://
 every trial) or at `tune.optuna_storage` (see `tuning.study`), so a resumed search continues it,
 on a fresh head too. `tensorboard --logdir EXPERIMENT` shows every trial's curves, and
 `tune.mlflow: true` logs the trials to MLflow too (`tuning.tracking`). The driver validates
-the config, the data and the cluster, then leaves all TensorFlow work to Ray workers; on a
+the config, the data and the cluster, has every node prepare the images once
+(`tuning.prepare`), then leaves all TensorFlow work to Ray workers; on a
 cluster, Ray ships the driver's code to them.
 """
 from __future__ import annotations
@@ -233,6 +234,9 @@ def search(cfg: SearchConfig, name: str, address: str | None = None, resume: boo
         print(plan(cfg, splits, shapes))
         return {}
     started = time.time()
+    from tuning.prepare import prepare_on_every_node
+
+    prepare_on_every_node(cfg, splits)  # a bad image is refused here, before anything is written
     try:
         token = exp.mark_storage()
         cluster.check_storage(exp, token, shapes)

@@ -1,0 +1,328 @@
+"""Prepare the images once: decode, letterbox and resize every image of a dataset once per
+resolution into a uint8 array file that every trial memory-maps instead of decoding PNGs.
+
+    python -m boneage prepare --config configs/small.yaml [--size 72 --size 96]
+
+    images = ensure_prepared(frame, image_size=96, folder=prepared_dir(cfg.data), threads=4)
+    images.rows(frame)   # each frame row's index into images.array, (N, 96, 96) uint8, read-only
+
+`boneage.train.train` calls `ensure_prepared` itself, so every caller (a Ray trial, the retrain,
+`python -m boneage train`) gets the cache without knowing about it; the search's driver builds
+it before the first trial starts. The pixels are exactly `boneage.pipeline.prepare_image`'s.
+
+A folder (`data.prepared_dir`, default `$XDG_CACHE_HOME/boneage/prepared`, i.e. on each node's
+own disk) holds, per image folder and resolution, under a key that also covers the source of
+`prepare_image` (so a change to it rebuilds):
+
+    <key>.json              manifest: resolution, and [path, bytes, mtime_ns] of every image
+    <key>.<build>.npy       the images, np.save format, memory-mapped by readers
+    <key>.lock              flock: one process per node builds, the others wait for it
+
+A cache is used for a table when it holds every image of the table and every image still on
+disk has the size and modification time it had when prepared (a missing image is served from
+the cache: after `prepare` the PNGs may go). Anything else rebuilds it, into temporary names
+renamed into place, so a reader never sees half a cache.
+"""
+from __future__ import annotations
+
+import ast
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from boneage.config import DataConfig, write_atomic
+from boneage.errors import InputError
+
+DECODE_BATCH = 64  # images per write into the array
+
+
+def prepared_dir(cfg: DataConfig) -> Path:
+    """`data.prepared_dir`, else the user's cache folder: node-local on a cluster."""
+    if cfg.prepared_dir:
+        return Path(cfg.prepared_dir).expanduser().resolve()
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home).expanduser().resolve() / "boneage" / "prepared"
+
+
+@lru_cache(maxsize=1)
+def _decode_version() -> str:
+    """Hash of `prepare_image`'s source, read without importing TensorFlow."""
+    source = Path(importlib.util.find_spec("boneage.pipeline").origin).read_text()
+    node = next(n for n in ast.parse(source).body
+                if isinstance(n, ast.FunctionDef) and n.name == "prepare_image")
+    return hashlib.sha256(ast.unparse(node).encode()).hexdigest()[:12]
+
+
+def _key(folders, image_size: int) -> str:
+    text = "\n".join(sorted(folders)) + f"\n{image_size}\n{_decode_version()}"
+    return f"{hashlib.sha256(text.encode()).hexdigest()[:16]}-{image_size}px"
+
+
+def _stat(path: str):
+    """(bytes, mtime_ns) of a file, or None if it is gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+@dataclass
+class PreparedImages:
+    """An opened cache: `array` is (N, size, size) uint8, memory-mapped read-only."""
+    array: np.ndarray
+    index: dict  # image path -> row of array
+    manifest_path: Path
+
+    def rows(self, frame) -> np.ndarray:
+        return np.array([self.index[p] for p in frame["path"].astype(str)], dtype=np.int64)
+
+    def holds(self, frame) -> bool:
+        return all(p in self.index for p in frame["path"].astype(str))
+
+
+def _read_manifest(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _usable(manifest, paths) -> bool:
+    """True if the manifest holds every path and none of them changed on disk since."""
+    if manifest is None:
+        return False
+    recorded = {p: (size, mtime) for p, size, mtime in manifest["images"]}
+    for path in paths:
+        if path not in recorded:
+            return False
+        now = _stat(path)
+        if now is not None and now != recorded[path]:
+            return False
+    return True
+
+
+def _open(folder: Path, manifest: dict, manifest_path: Path) -> PreparedImages | None:
+    data = folder / manifest["data_file"]
+    try:
+        array = np.load(data, mmap_mode="r")
+    except (OSError, ValueError):
+        return None  # the data file went missing or is not what the manifest says: rebuild
+    size = manifest["image_size"]
+    if array.shape != (len(manifest["images"]), size, size) or array.dtype != np.uint8:
+        return None
+    return PreparedImages(array, {p: i for i, (p, _, _) in enumerate(manifest["images"])}, manifest_path)
+
+
+_OPENED: dict = {}  # (folders, size) -> PreparedImages opened by this process, for `opened`
+
+
+def opened(frame, image_size: int) -> PreparedImages | None:
+    """A cache this process already opened that holds every image of `frame` at `image_size`
+    (evaluation after training reads the test split from it), else None."""
+    key = (tuple(sorted({os.path.dirname(p) for p in frame["path"].astype(str)})), int(image_size))
+    images = _OPENED.get(key)
+    return images if images is not None and images.holds(frame) else None
+
+
+def ensure_prepared(frame, image_size: int, folder, threads: int | None = None,
+                    report=print) -> PreparedImages:
+    """The prepared images of every row of `frame` at `image_size`: opened if a usable cache
+    exists, else built (once per folder: concurrent callers wait for the first one)."""
+    folder = Path(folder)
+    paths = list(dict.fromkeys(frame["path"].astype(str)))
+    folders = sorted({os.path.dirname(p) for p in paths})
+    key = _key(folders, image_size)
+    manifest_path = folder / f"{key}.json"
+    images = _open_if_usable(folder, manifest_path, paths)
+    if images is None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"config key data.prepared_dir: cannot create {folder} ({err})") from None
+        with _lock(folder / f"{key}.lock", report, f"{len(paths)} images at {image_size} px"):
+            images = _open_if_usable(folder, manifest_path, paths)  # built while we waited?
+            if images is None:
+                _build(paths, image_size, folder, key, threads, report)
+                images = _open_if_usable(folder, manifest_path, paths)
+                if images is None:
+                    raise InputError(f"images in {', '.join(folders)} changed while they were being "
+                                     f"prepared; run again once they stay put")
+    _OPENED[(tuple(folders), int(image_size))] = images
+    return images
+
+
+def _open_if_usable(folder, manifest_path, paths):
+    manifest = _read_manifest(manifest_path)
+    return _open(folder, manifest, manifest_path) if _usable(manifest, paths) else None
+
+
+@contextmanager
+def _lock(path: Path, report, what: str):
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            report(f"waiting for another process preparing {what} ({path.parent})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def available_threads() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _build(paths, image_size, folder: Path, key: str, threads, report) -> None:
+    import tensorflow as tf
+
+    from boneage.pipeline import prepare_image
+
+    threads = threads or available_threads()
+    stats = [_stat(p) for p in paths]  # before reading: a file changed meanwhile shows as stale
+    missing = [p for p, s in zip(paths, stats) if s is None]
+    if missing:
+        raise InputError(f"cannot prepare images: {len(missing)} missing, e.g. {', '.join(missing[:3])}")
+    data_file = f"{key}.{uuid.uuid4().hex[:8]}.npy"
+    partial = folder / f".{data_file}.partial"
+    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
+                                      shape=(len(paths), image_size, image_size))
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda p: prepare_image(tf.io.read_file(p), image_size),
+        num_parallel_calls=threads, deterministic=True).batch(DECODE_BATCH).prefetch(2)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads  # the CPUs we were given, no more
+    ds = ds.with_options(options)
+    progress = Progress(f"preparing {len(paths)} images at {image_size} px on {threads} CPUs", len(paths), report)
+    done = 0
+    try:
+        iterator = iter(ds)
+        while done < len(paths):
+            try:
+                batch = next(iterator)
+            except tf.errors.OpError:
+                raise InputError(_decode_failure(paths[done:done + DECODE_BATCH])) from None
+            array[done:done + len(batch)] = batch.numpy()[..., 0]
+            done += len(batch)
+            progress.update(done)
+        array.flush()
+        del array
+        os.replace(partial, folder / data_file)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    old = _read_manifest(folder / f"{key}.json")
+    manifest = {"image_size": image_size, "decode_version": _decode_version(), "data_file": data_file,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "images": [[p, size, mtime] for p, (size, mtime) in zip(paths, stats)]}
+    write_atomic(folder / f"{key}.json", json.dumps(manifest))  # the commit point
+    if old and old.get("data_file") != data_file:
+        (folder / old["data_file"]).unlink(missing_ok=True)  # readers that mapped it keep it
+    progress.finish(f"prepared in {folder / data_file} ({len(paths) * image_size ** 2 / 2 ** 20:.0f} MiB)")
+    prune(folder)
+
+
+def _decode_failure(paths) -> str:
+    """Which of these images TensorFlow cannot decode, for the error message."""
+    from boneage.data import check_image_file
+
+    bad = [f"{p} ({check_image_file(p) or 'cannot be decoded'})" for p in paths if check_image_file(p)]
+    if not bad:  # PIL accepts them all: name what TensorFlow chokes on one by one
+        import tensorflow as tf
+
+        from boneage.pipeline import prepare_image
+
+        for p in paths:
+            try:
+                prepare_image(tf.io.read_file(p), 8)
+            except tf.errors.OpError as err:
+                bad.append(f"{p} ({err.message.splitlines()[0]})")
+    return "cannot prepare images: " + "; ".join(bad or paths[:1])
+
+
+class Progress:
+    """A text progress bar: redrawn in place on a terminal, a line per 10% otherwise (logs)."""
+
+    def __init__(self, title: str, total: int, report=print, stream=None):
+        self.title, self.total, self.report = title, max(total, 1), report
+        self.stream = stream or sys.stderr
+        self.tty = report is print and self.stream.isatty()
+        self.started, self.last_step, self.last_draw = time.time(), -1, 0.0
+        self.report(f"{title} ...")
+
+    def update(self, done: int) -> None:
+        now, step = time.time(), 10 * done // self.total
+        if self.tty and (now - self.last_draw > 0.2 or done == self.total):
+            self.last_draw = now
+            self.stream.write(f"\r  {self._line(done)}")
+            self.stream.flush()
+        elif not self.tty and step != self.last_step:
+            self.last_step = step
+            self.report(f"  {self._line(done)}")
+
+    def _line(self, done: int) -> str:
+        elapsed = max(time.time() - self.started, 1e-6)
+        rate = done / elapsed
+        eta = (self.total - done) / rate if rate else 0.0
+        bar = "#" * (30 * done // self.total)
+        return f"[{bar:30}] {done}/{self.total} {rate:6.0f} img/s, {elapsed:4.0f} s, {eta:4.0f} s left"
+
+    def finish(self, message: str) -> None:
+        if self.tty:
+            self.stream.write("\n")
+        self.report(f"  {message} in {time.time() - self.started:.1f} s")
+
+
+def trusted_images(folder, image_dir) -> set:
+    """Paths of the images in `image_dir` that a usable cache in `folder` holds (at any
+    resolution): the data check need not open them, and they may be gone from disk."""
+    folder, image_dir = Path(folder), str(image_dir)
+    trusted = set()
+    for manifest_path in folder.glob("*.json") if folder.is_dir() else ():
+        manifest = _read_manifest(manifest_path)
+        if not manifest or manifest.get("decode_version") != _decode_version() \
+                or not (folder / manifest.get("data_file", "")).is_file():
+            continue
+        for path, size, mtime in manifest.get("images", []):
+            if os.path.dirname(path) == image_dir and path not in trusted \
+                    and _stat(path) in (None, (size, mtime)):
+                trusted.add(path)
+    return trusted
+
+
+def prune(folder) -> int:
+    """Remove caches of image folders that no longer exist, and orphaned data files."""
+    folder, removed = Path(folder), 0
+    keep = set()
+    for manifest_path in folder.glob("*.json"):
+        manifest = _read_manifest(manifest_path) or {}
+        images = manifest.get("images") or []
+        if images and any(os.path.isdir(os.path.dirname(p)) for p, _, _ in images[:1]):
+            keep.add(manifest.get("data_file"))
+            continue
+        manifest_path.unlink(missing_ok=True)
+        removed += 1
+    for data in [*folder.glob("*.npy"), *folder.glob(".*.partial")]:
+        try:
+            if data.name not in keep and time.time() - data.stat().st_mtime > 3600:  # not a build in flight
+                data.unlink()
+        except OSError:
+            pass  # removed by another process meanwhile
+    return removed
