@@ -105,6 +105,16 @@ def float32_model(model):
     return copy
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def export_model(model, out_dir, card: dict, intervals=None) -> Path:
     """Write out_dir/{model.keras, saved_model/, model_card.json} atomically; returns out_dir.
     `intervals` (boneage.conformal.Intervals): also intervals.json and lower/upper outputs.
@@ -116,7 +126,9 @@ def export_model(model, out_dir, card: dict, intervals=None) -> Path:
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by an export that was killed
+        if stale == staging or not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     staging.mkdir()
     try:
         model.save(staging / MODEL_FILE)

@@ -175,13 +175,13 @@ def prepare(cfg: SearchConfig, name: str, address: str | None, resume: bool):
     elif exp.exists():
         raise InputError(f"experiment {name} already exists in {exp.storage_path}: continue it with --resume, "
                          f"or give another --name")
+    exp.check_writable()  # a full disk or a read-only mount, before the data is even read
     if cfg.tune.optuna_storage:
         open_storage(study_url(cfg, exp.local_dir))  # a database server answers before any trial
     splits = load_splits(cfg.data, images=images_here(cfg, address))
     start_ray(address)
     shapes = cluster.node_shapes()
     cluster.check_fits(cfg, shapes)
-    exp.check_writable()
     return cfg, exp, splits, shapes
 
 
