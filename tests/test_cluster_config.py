@@ -3,13 +3,14 @@ k8s/rayjob.yaml (KubeRay), and the README commands that use them.
 
 Nothing here starts a cloud machine. cluster.yaml is checked by Ray's own launcher code
 (`prepare_config` then `validate_config`, the steps `ray up` takes before it calls AWS; private API,
-which is why Ray is pinned), the RayJob by a strict schema written for this project
-(k8s/rayjob.schema.json), and the search configs by the same resource checks the search makes on a
+which is why Ray is pinned), the RayJob by the OpenAPI schema of KubeRay v1.7.0's own RayJob CRD
+(vendored in k8s/crd/) with unknown keys refused, and the search configs by the same resource checks the search makes on a
 live cluster (tuning.cluster). Seconds in all.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import re
@@ -25,7 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "cluster.yaml"
 RAYJOB = REPO / "k8s" / "rayjob.yaml"
-RAYJOB_SCHEMA = REPO / "k8s" / "rayjob.schema.json"
+RAYJOB_CRD = REPO / "k8s" / "crd" / "ray.io_rayjobs-v1.7.0.yaml"
 DEPLOY_FILES = [LAUNCHER, RAYJOB, REPO / "Dockerfile", REPO / "configs" / "cluster.yaml"]
 PLACEHOLDER = re.compile(r"<([A-Z_]+)>")
 IMAGE_TAG = "{ray}-py311-gpu"  # the official image's tag: Ray version, Python 3.11 (the pins'), GPU
@@ -303,14 +304,44 @@ def _containers(job):
             for c in g["template"]["spec"].get(key, [])]
 
 
+def strict(schema: dict) -> dict:
+    """A CRD's structural schema with unknown keys refused. The API server accepts them and
+    silently prunes them (a misspelt `maxReplica` would vanish and the group stay unbounded), so
+    every object that lists its properties, and does not preserve unknown fields, gets
+    additionalProperties: false; free-form maps (labels, rayStartParams) keep theirs."""
+    schema = dict(schema)
+    if "properties" in schema:
+        schema["properties"] = {name: strict(sub) for name, sub in schema["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(key), dict):
+            schema[key] = strict(schema[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in schema:
+            schema[key] = [strict(sub) for sub in schema[key]]
+    return schema
+
+
+@functools.cache
+def rayjob_schema() -> dict:
+    crd = yaml.load(RAYJOB_CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    assert crd["kind"] == "CustomResourceDefinition" and crd["metadata"]["name"] == "rayjobs.ray.io"
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return strict(v1["schema"]["openAPIV3Schema"])
+
+
 def rayjob_errors(job) -> list[str]:
-    schema = json.loads(RAYJOB_SCHEMA.read_text())
-    return [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(job)]
+    validator = jsonschema.Draft7Validator(rayjob_schema())
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(job)]
 
 
-def test_rayjob_matches_its_strict_schema():
-    jsonschema.Draft7Validator.check_schema(json.loads(RAYJOB_SCHEMA.read_text()))
-    assert rayjob_errors(rayjob()) == []
+def test_rayjob_matches_kuberays_crd():
+    jsonschema.Draft7Validator.check_schema(rayjob_schema())
+    job = rayjob()
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert rayjob_errors(job) == []
+    assert "v1.7.0" in RAYJOB_CRD.read_text()[:400] and "1.7.0" in (REPO / "README.md").read_text()
 
 
 def _misspelt_max_replicas(job):
@@ -339,10 +370,10 @@ def _bad_quantity(job):
     (_replicas_as_text, "'8' is not of type 'integer'"),
     (_unknown_container_key, "'resource' was unexpected"),
     (_group_without_name, "'groupName' is a required property"),
-    (_bad_quantity, "'12 GB' is not valid"),
+    (_bad_quantity, "'12 GB' does not match"),
 ])
-def test_rayjob_schema_refuses_broken_copies(breaks, message):
-    """The CRD alone accepts any unknown key (maxReplica would pass and be dropped); this schema does not."""
+def test_kuberays_crd_refuses_broken_copies(breaks, message):
+    """The CRD as the API server applies it would take `maxReplica` and drop it; strict, it refuses it."""
     job = rayjob()
     breaks(job)
     errors = rayjob_errors(job)
