@@ -137,15 +137,20 @@ def test_driver_killed_then_resumed_finishes_every_trial_once(tmp_path, phantom_
 def test_a_trial_killed_until_its_retries_run_out_is_failed_and_the_search_completes(tmp_path, phantom_root):
     config = search_config(tmp_path, phantom_root, [1.0e-3, 5.0e-4], max_concurrent_trials=1, grace_period=2,
                            max_failures=1)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"]["epochs"] = 3
+    config.write_text(yaml.safe_dump(cfg))
     experiment = tmp_path / "experiments" / "retried"
     driver = start(config, "retried")
     try:
         victim = wait_for(lambda: running_at_epoch(experiment, 1), driver, "a checkpoint at epoch 1")
         first_pid = trial_results(experiment)[victim][-1]["pid"]
         os.kill(first_pid, signal.SIGKILL)
-        # Ray retries it from its checkpoint in a new process: kill that one too, before it reports
-        second_pid = wait_for(lambda: next((p for p in trial_processes(config) if p != first_pid), None), driver,
-                              "the retried trial's process")
+        # Ray retries it from that checkpoint in a new process, whose first report is epoch 2;
+        # kill that one too once it has its checkpoint: max_failures 1 is then spent
+        wait_for(lambda: running_at_epoch(experiment, 2) == victim, driver, "the retried trial at epoch 2")
+        second_pid = trial_results(experiment)[victim][-1]["pid"]
+        assert second_pid != first_pid
         os.kill(second_pid, signal.SIGKILL)
         out, _ = driver.communicate(timeout=900)
     finally:
@@ -153,7 +158,8 @@ def test_a_trial_killed_until_its_retries_run_out_is_failed_and_the_search_compl
             kill_group(driver)
     assert driver.returncode == 0, out[-3000:]
     results = trial_results(experiment)
-    assert [r["epoch"] for r in results[victim]] == [1]  # never got past the epoch it was killed in
+    # epoch 1, killed; the retry went on from its checkpoint (epoch 2, not 1 again), killed; no epoch 3
+    assert [r["epoch"] for r in results[victim]] == [1, 2]
     import pandas as pd
 
     trials = pd.read_csv(experiment / "trials.csv", dtype=str)

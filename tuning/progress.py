@@ -160,6 +160,17 @@ class Scheduler(ASHAScheduler):
         super().on_trial_complete(tune_controller, trial, result)
         self._record()
 
+    def on_trial_error(self, tune_controller, trial):
+        """Ray 2.60 sets a trial whose process died to ERROR without marking it for the experiment
+        state when its actor is already gone (`_schedule_trial_stop` returns first), so the saved
+        state kept it RUNNING: the search then looked interrupted (exit 130) and `--resume` ran a
+        failed trial again. Ray calls this hook with the controller itself, just before it sets
+        ERROR; marking the trial here makes the next save write its final status."""
+        super().on_trial_error(tune_controller, trial)
+        mark = getattr(tune_controller, "_mark_trial_to_checkpoint", None)
+        if mark is not None:
+            mark(trial)
+
     def choose_trial_to_run(self, tune_controller):
         self._restore()
         if self.max_running:
