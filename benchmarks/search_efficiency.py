@@ -3,7 +3,7 @@ early stopping and against the notebook's fixed recipe, at equal budgets of tria
 several seeds, all through `python -m tuning.search` with the README demo's settings.
 
     python benchmarks/search_efficiency.py               # 3 seeds, budget 20: about an hour on 2 cores
-    python benchmarks/search_efficiency.py --small       # 1 seed, budget 10: about 20 minutes
+    python benchmarks/search_efficiency.py --small       # 1 seed, budget 10: about 8 minutes
 
 - TPE + ASHA: configs/demo.yaml as it is (its space, grace period, reduction factor), with
   enough trials to spend the budget; its epochs are counted in the order they finished and the
@@ -67,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget", type=int, default=20, help="trial-epochs per method and seed")
-    parser.add_argument("--small", action="store_true", help="1 seed, budget 10 (about 20 minutes)")
+    parser.add_argument("--small", action="store_true", help="1 seed, budget 10 (about 8 minutes)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     if args.small:
