@@ -53,7 +53,7 @@ def search_arm(cfg: dict, tmp: Path, minutes: float) -> dict:
     best = trials.loc[trials["best_val_mae"].idxmin()]
     return {"wall": time.time() - started, "curve": best["val_mae_per_epoch"],
             "trials": len(trials), "test": json.loads((experiment / "test_metrics.json").read_text()),
-            "best": {k[6:]: best[k] for k in trials.columns if k.startswith("param.")}}
+            "best": {k[6:]: (best[k].item() if hasattr(best[k], "item") else best[k]) for k in trials.columns if k.startswith("param.")}}
 
 
 def recipe_arm(cfg: dict, seconds: float, min_epochs: int) -> dict:
