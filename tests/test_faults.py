@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.test_search import run_search, search_config
 
@@ -80,11 +79,8 @@ def study_states(experiment: Path, name: str) -> list[str]:
 
 def test_driver_killed_then_resumed_finishes_every_trial_once(tmp_path, phantom_root):
     rates = [1.0e-3, 5.0e-4, 2.0e-3, 1.5e-3]
-    config = search_config(tmp_path, phantom_root, rates, max_concurrent_trials=1, grace_period=3,
+    config = search_config(tmp_path, phantom_root, rates, epochs=3, max_concurrent_trials=1, grace_period=3,
                            max_failures=0, time_budget_s=3000)
-    cfg = yaml.safe_load(config.read_text())
-    cfg["train"]["epochs"] = 3
-    config.write_text(yaml.safe_dump(cfg))
     experiment = tmp_path / "experiments" / "killed"
     driver = start(config, "killed")
     try:
@@ -135,11 +131,8 @@ def test_driver_killed_then_resumed_finishes_every_trial_once(tmp_path, phantom_
 
 
 def test_a_trial_killed_until_its_retries_run_out_is_failed_and_the_search_completes(tmp_path, phantom_root):
-    config = search_config(tmp_path, phantom_root, [1.0e-3, 5.0e-4], max_concurrent_trials=1, grace_period=2,
-                           max_failures=1)
-    cfg = yaml.safe_load(config.read_text())
-    cfg["train"]["epochs"] = 3
-    config.write_text(yaml.safe_dump(cfg))
+    config = search_config(tmp_path, phantom_root, [1.0e-3, 5.0e-4], epochs=3, max_concurrent_trials=1,
+                           grace_period=2, max_failures=1)
     experiment = tmp_path / "experiments" / "retried"
     driver = start(config, "retried")
     try:

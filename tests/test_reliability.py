@@ -286,16 +286,12 @@ def test_the_study_password_is_in_no_file_the_search_writes(tmp_path, phantom_ro
     import uuid
 
     import optuna
-    import yaml
 
     from tests.test_search import search_config
 
     marker = f"pw-{uuid.uuid4().hex}"
-    config = search_config(tmp_path, phantom_root, [1.0e-3], retrain=False,
+    config = search_config(tmp_path, phantom_root, [1.0e-3], epochs=1, retrain=False,
                            optuna_storage=f"sqlitepw://boneage@localhost/{tmp_path}/study.db")
-    cfg = yaml.safe_load(config.read_text())
-    cfg["train"]["epochs"] = 1
-    config.write_text(yaml.safe_dump(cfg))
     double = Path(__file__).parent / "db_double"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(double), os.environ.get("PYTHONPATH", "")]),
            "BONEAGE_TEST_DB_PASSWORD": marker, "BONEAGE_OPTUNA_PASSWORD": marker}

@@ -26,11 +26,11 @@ GOOD_RATES = [1.0e-3, 5.0e-4, 2.0e-3]
 BAD_RATE = 3.0  # Adam at this rate throws the output layer around: it cannot learn
 
 
-def search_config(tmp_path, phantom_root, points, **tune):
+def search_config(tmp_path, phantom_root, points, *, epochs=2, **tune):
     cfg = {
         "data": {"source": "rsna", "root": str(phantom_root), "val_fraction": 0.25, "test_fraction": 0.2},
         "model": {"image_size": 71, "weights": "none"},
-        "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 0},
+        "train": {"epochs": epochs, "batch_size": 16, "early_stopping_patience": 0},
         "intervals": {"coverage": 0.8},  # the ~8 held-out calibration images allow 80%, not 90%
         "tune": {"storage_path": str(tmp_path / "experiments"), "num_samples": len(points),
                  "max_concurrent_trials": 2, "n_startup_trials": 1, "grace_period": 1,
