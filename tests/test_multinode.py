@@ -106,6 +106,7 @@ def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_
         "tune": {"storage_path": f"s3://{BUCKET}/experiments", "num_samples": len(RATES),
                  "max_concurrent_trials": 0, "n_startup_trials": 1, "grace_period": EPOCHS, "max_failures": 2,
                  "resources": {"cpu": 1, "gpu": 0.5}, "require_gpu": False,  # logical GPUs: TF sees none
+                 "ensemble_top_k": 1, "gallery_size": 0,  # the retrain's extras are tested in test_search
                  "space": {"learning_rate": {"loguniform": [1.0e-4, 1.0e-2]}},
                  "points_to_evaluate": [{"learning_rate": lr} for lr in RATES]}}))
     driver = subprocess.Popen([sys.executable, "-m", "tuning.search", "--config", str(config), "--name", name,

@@ -36,7 +36,10 @@ def search_config(tmp_path, phantom_root, points, *, epochs=2, **tune):
                  "max_concurrent_trials": 2, "n_startup_trials": 1, "grace_period": 1,
                  "reduction_factor": 2, "resources": {"cpu": 1, "gpu": 0},
                  "space": {"learning_rate": {"loguniform": [1.0e-4, 3.0]}},
-                 "points_to_evaluate": [{"learning_rate": lr} for lr in points], **tune},
+                 "points_to_evaluate": [{"learning_rate": lr} for lr in points],
+                 # the retrain's ensemble, TTA variants and Grad-CAM gallery cost minutes of CPU:
+                 # only the shared search (finished_search) asks for them, and its tests inspect them
+                 "ensemble_top_k": 1, "gallery_size": 0, **tune},
     }
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -82,7 +85,7 @@ def finished_search(tmp_path_factory, phantom_root):
 
     tmp_path = tmp_path_factory.mktemp("search")
     root = Path(shutil.copytree(phantom_root, tmp_path / "data"))
-    config = search_config(tmp_path, root, GOOD_RATES + [BAD_RATE], export_ensemble=True,
+    config = search_config(tmp_path, root, GOOD_RATES + [BAD_RATE], export_ensemble=True, ensemble_top_k=3,
                            gallery_size=4, mlflow=True)
     manifest = prepare_then_spoil(root, config)
     proc = run_search("--config", str(config), "--name", "tiny")
@@ -288,7 +291,7 @@ def _finished_trial_results(experiment: Path, epochs: int) -> dict:
 
 def test_resume_finishes_without_rerunning_finished_trials(tmp_path, phantom_root):
     config = search_config(tmp_path, phantom_root, [1.0e-3, 5.0e-4, 2.0e-3], max_concurrent_trials=1,
-                           grace_period=2, ensemble_top_k=1, gallery_size=0)  # the report is tested above
+                           grace_period=2)
     experiment = tmp_path / "experiments" / "interrupted"
     proc = subprocess.Popen([sys.executable, "-m", "tuning.search", "--config", str(config), "--name", "interrupted"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
