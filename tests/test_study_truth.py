@@ -117,7 +117,7 @@ def replay_cfg(tmp_path, **replay):
 
     cfg = {"train": {"epochs": 3}, "tune": {"space": {"learning_rate": {"loguniform": [1.0e-5, 1.0]},
                                                        "loss": {"choice": ["mae", "mse"]}},
-                                             "replay": {"curves": "formula", **replay}}}
+                                             "retrain": False, "replay": {"curves": "formula", **replay}}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     return load_search_config(tmp_path / "c.yaml")
 
@@ -341,3 +341,5 @@ def test_a_bad_curve_file_is_refused_before_anything_is_written(tmp_path, phanto
     assert main(["--config", str(config), "--name", "bad"]) == 2
     assert "missing column(s) val_mae, seconds, learning_rate" in capsys.readouterr().err
     assert not (tmp_path / "experiments" / "bad").exists()
+    assert main(["--config", str(config), "--name", "bad", "--set", "tune.retrain=true"]) == 2
+    assert "replayed trials train no model, so there is none to retrain" in capsys.readouterr().err

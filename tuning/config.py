@@ -76,5 +76,8 @@ def load_search_config(path=None, overrides=()) -> SearchConfig:
     if cfg.tune.gpu_hours_budget and not cfg.tune.resources.gpu:
         raise InputError("tune.gpu_hours_budget is set but trials use no GPU (tune.resources.gpu: 0); "
                          "use tune.time_budget_s instead")
+    if cfg.tune.replay.curves and cfg.tune.retrain:
+        raise InputError("tune.replay.curves is set: replayed trials train no model, so there is none to retrain; "
+                         "set tune.retrain: false")
     parse_space(cfg)  # a bad space is an error now, not after Ray has started
     return cfg

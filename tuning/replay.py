@@ -3,7 +3,7 @@ validation MAE read from a recorded learning curve or a formula. For tests that 
 decisions to be deterministic, and for searches of 1,000 trials that measure the search itself.
 
     tune:
-      retrain: false               # the retrain trains for real: switch it off, or keep TensorFlow
+      retrain: false               # required: replayed trials leave no model to retrain
       replay:
         curves: formula            # or a curve CSV; "" (the default) = real training
         seconds_per_epoch: 0.2     # each epoch sleeps this long
@@ -35,7 +35,7 @@ searched parameter's position in [0, 1] (as above; a choice its index over the c
     floor  = 12 + 4 d^2 + sum(2 u^2)                    months, the best at 1e-3 and low ends
     speed  = 0.6 * 10^min(d, 0)                         a rate 10x too slow learns 10x slower
     val_mae(epoch) = max(0.5, floor + (33.5 - floor) exp(-speed epoch) + noise N(0, noise^2))
-    a learning rate above 0.3 diverges at its second epoch
+    a learning rate above 0.3 diverges at its second epoch (reports inf there and stops)
 
 The noise is drawn from a generator seeded by `train.seed` and the parameters, so a
 configuration always gives the same curve and ASHA the same decisions.
@@ -55,8 +55,8 @@ from pathlib import Path
 from ray import tune
 
 from boneage.errors import InputError
+from tuning.trainable import CHECKPOINT_STATE  # (that module imports TensorFlow only inside its functions)
 
-CHECKPOINT_STATE = "state.json"  # as tuning.trainable's, which imports TensorFlow's callbacks lazily only
 PAYLOAD = "replay.bin"
 COLUMNS = ("config_id", "seed", "epoch", "val_mae", "seconds")
 MEAN_PREDICTOR, BEST_RATE, DIVERGING_RATE = 33.5, 1e-3, 0.3
