@@ -10,7 +10,7 @@ may import TensorFlow. It costs about 40-60 s on 2 busy cores (Ray's start-up, ~
 it); it cannot share tests/test_search.py's
 `finished_search`, which trains for real and is neither interrupted nor cut by a budget. The path
 where a closed trial runs to its end after a resume is tested on the searcher itself (real
-Optuna, no Ray), as are the verdict and the replay's curves: milliseconds.
+Optuna, no Ray), as are the verdict, the replay's curves and its resume from a checkpoint: milliseconds.
 """
 import json
 import math
@@ -138,6 +138,23 @@ def test_formula_is_seeded_and_ranks_rates(tmp_path):
     assert curve(1e-3)[-1] < curve(1e-4)[-1] < curve(1e-5)[-1]
     assert curve(1e-3, "mse")[-1] > curve(1e-3)[-1]  # a choice's later value costs 2 months
     assert len(curve(0.9)) == 2 and curve(0.9)[1] == math.inf  # diverges at its second epoch
+
+
+def test_replayed_epochs_end_as_a_real_trial_and_resume_where_they_were():
+    from tuning.replay import epochs_from
+
+    def run(curve, patience=0, state=None, epochs=5):
+        return [(e, best, best_epoch, ended) for e, _, best, best_epoch, _, ended in
+                epochs_from(curve, state, epochs, patience)]
+
+    curve = [30.0, 25.0, 26.0, 27.0, 24.0]
+    assert run(curve)[-1] == (5, 24.0, 5, "completed")
+    assert run(curve, patience=2)[-1] == (4, 25.0, 2, "early_stopping")  # two epochs without a better one
+    assert run([30.0, math.inf, 20.0])[-1] == (2, 30.0, 1, "diverged")
+    # resumed from the checkpoint after epoch 2: the same epochs 3.. as without the interruption
+    checkpoint = {"epoch": 2, "best_val_mae": 25.0, "best_epoch": 2, "history": {"val_mae": curve[:2]}}
+    assert run(curve, patience=2, state=checkpoint) == run(curve, patience=2)[2:]
+    assert run(curve, state=checkpoint) == run(curve)[2:]
 
 
 def test_curve_table_nearest_neighbour_and_bad_rows(tmp_path):

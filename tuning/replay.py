@@ -174,6 +174,24 @@ def formula_curve(cfg, params: dict, noise: float) -> list[float]:
 
 # --- the trial ----------------------------------------------------------------------------------
 
+def epochs_from(curve: list[float], state: dict | None, epochs: int, patience: int):
+    """The epochs a trial replays after its checkpoint `state` (None: from the start), as a real
+    trial's `boneage.progress.Progress` sees them: yields (epoch, val_mae, best_val_mae,
+    best_epoch, diverged, ended) and stops after the epoch that ends it."""
+    state = state or {"epoch": 0, "best_val_mae": math.inf, "best_epoch": 0}
+    best, best_epoch = state["best_val_mae"], state["best_epoch"]
+    for epoch in range(state["epoch"] + 1, epochs + 1):
+        val_mae = curve[epoch - 1]
+        diverged = not math.isfinite(val_mae)
+        if not diverged and val_mae < best:
+            best, best_epoch = val_mae, epoch
+        ended = ("diverged" if diverged else "completed" if epoch >= epochs else
+                 "early_stopping" if patience and epoch - best_epoch >= patience else "")
+        yield epoch, val_mae, best, best_epoch, diverged, ended
+        if ended:
+            return
+
+
 def replay_trial(params: dict, base: dict, table: list[dict] | None) -> None:
     """Ray's trial function for a replay search (`tuning.search` hands it over when
     `tune.replay.curves` is set); `table` is `load_curves`' result, None for the formula."""
@@ -184,38 +202,30 @@ def replay_trial(params: dict, base: dict, table: list[dict] | None) -> None:
     from tuning.space import apply_params
 
     cfg = apply_params(from_dict(SearchConfig, base), params)
-    replay, epochs = cfg.tune.replay, cfg.train.epochs
+    replay = cfg.tune.replay
     curve = recorded_curve(cfg, params, table) if table else formula_curve(cfg, params, replay.noise)
-    state = {"epoch": 0, "best_val_mae": math.inf, "best_epoch": 0, "history": {"val_mae": []}}
-    checkpoint = tune.get_checkpoint()
+    state, checkpoint = None, tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = json.loads((Path(folder) / CHECKPOINT_STATE).read_text())
+    history = state["history"] if state else {"val_mae": []}
     node_id = ray.get_runtime_context().get_node_id()
-    extra = {"node_id": node_id, "gpu_share": 0.0, "gpu_ids": "", "gpu_memory_cap_mib": 0, "tensorflow_gpus": 0}
+    extra = {"host": socket.gethostname(), "node_id": node_id, "gpu_share": 0.0, "gpu_ids": "",
+             "gpu_memory_cap_mib": 0, "tensorflow_gpus": 0}
     payload = b"\0" * int(replay.checkpoint_mib * 2 ** 20)
-    patience, host = cfg.train.early_stopping_patience, socket.gethostname()
-    best, best_epoch, history = state["best_val_mae"], state["best_epoch"], state["history"]
-    for epoch in range(state["epoch"] + 1, epochs + 1):
+    for epoch, val_mae, best, best_epoch, diverged, ended in epochs_from(
+            curve, state, cfg.train.epochs, cfg.train.early_stopping_patience):
         time.sleep(replay.seconds_per_epoch)
-        val_mae = curve[epoch - 1]
-        diverged = not math.isfinite(val_mae)
-        if not diverged and val_mae < best:
-            best, best_epoch = val_mae, epoch
         history["val_mae"].append(val_mae)
-        ended = ("diverged" if diverged else "completed" if epoch >= epochs else
-                 "early_stopping" if patience and epoch - best_epoch >= patience else "")
         metrics = {"val_mae": val_mae, "train_mae": val_mae, "loss": val_mae, "epoch": epoch, "best_val_mae": best,
                    "best_epoch": best_epoch, "diverged": diverged, "ended": ended,
-                   "learning_rate": cfg.train.learning_rate, "host": host, **extra}
+                   "learning_rate": cfg.train.learning_rate, **extra}
         if diverged or epoch % cfg.tune.checkpoint_every:
             tune.report(metrics)
-        else:
-            with tempfile.TemporaryDirectory() as folder:
-                (Path(folder) / PAYLOAD).write_bytes(payload)
-                (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps(
-                    {"epoch": epoch, "best_val_mae": best, "best_epoch": best_epoch, "best_weights": None,
-                     "history": history, "node_id": node_id}))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        if ended:
-            return
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / PAYLOAD).write_bytes(payload)
+            (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps(
+                {"epoch": epoch, "best_val_mae": best, "best_epoch": best_epoch, "best_weights": None,
+                 "history": history, "node_id": node_id}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
