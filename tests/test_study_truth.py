@@ -3,14 +3,14 @@
 One real search of replayed trials (Ray Tune, OptunaSearch, ASHA; the formula's curves at 0.4 s
 an epoch, 1 CPU a trial, the worker process reused), interrupted with SIGINT while its fourth
 trial runs, then resumed with its time budget spent, is shared by the tests that inspect it: one
-trial completes, ASHA stops one at its rung, one diverges, and the interrupted one is closed in the
-study, then cut by the budget and added anew. It runs in this process, as the CLI would, with
-Ray's workers given a `tensorflow` and a `keras` that fail on import: no trial of a replay search
-may import TensorFlow. It costs about 40-60 s on 2 busy cores (Ray's start-up, ~20 s, most of
-it); it cannot share tests/test_search.py's
-`finished_search`, which trains for real and is neither interrupted nor cut by a budget. The path
-where a closed trial runs to its end after a resume is tested on the searcher itself (real
-Optuna, no Ray), as are the verdict, the replay's curves and its resume from a checkpoint: milliseconds.
+trial completes, ASHA stops one at its rung, one diverges, and the interrupted one is closed in
+the study, then cut by the budget and added anew. It runs in this process, as the CLI would,
+with Ray's workers given a `tensorflow` and a `keras` that fail on import: no trial of a replay
+search may import TensorFlow. It costs 35-55 s on 2 busy cores, most of it Ray's start-up; it
+cannot share tests/test_search.py's `finished_search`, which trains for real and is neither
+interrupted nor cut by a budget. The path where a closed trial runs to its end after a resume is
+tested on the searcher itself (real Optuna, no Ray), as are the verdict, the replay's curves and
+its resume from a checkpoint: milliseconds.
 """
 import json
 import math
