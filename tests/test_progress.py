@@ -10,8 +10,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from tuning.experiment import Experiment
-from tuning.progress import STATE_FILE, Scheduler, SearchProgress
-from tuning.study import Limiter
+from tuning.progress import STATE_FILE, Limiter, Scheduler, SearchProgress
 
 
 def experiment(tmp_path) -> Experiment:

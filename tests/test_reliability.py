@@ -202,12 +202,18 @@ def fake_mae(config) -> float:
     return abs(np.log10(config["learning_rate"]) + 3.5) + config["frozen_layers"] / 7 + (config["loss"] != "mae")
 
 
+def ran(value: float) -> dict:
+    """The last result of a trial that ran its course (tuning.trainable's protocol), which the
+    searcher tells the study as COMPLETE with its best value."""
+    return {"val_mae": value, "epoch": 1, "best_val_mae": value, "ended": "completed", "diverged": False}
+
+
 def first_trials(searcher, n=7):
     configs = []
     for i in range(n):
         config = searcher.suggest(f"trial_{i}")
         configs.append(config)
-        searcher.on_trial_complete(f"trial_{i}", {"val_mae": fake_mae(config)})
+        searcher.on_trial_complete(f"trial_{i}", ran(fake_mae(config)))
     return configs
 
 
@@ -236,7 +242,7 @@ def test_concurrent_trials_get_different_suggestions(tmp_path):
     def pair(searcher):
         for i in range(10):
             config = searcher.suggest(f"done_{i}")
-            searcher.on_trial_complete(f"done_{i}", {METRIC: mae[config["loss"]]})
+            searcher.on_trial_complete(f"done_{i}", ran(mae[config["loss"]]))
         return searcher.suggest("running_1"), searcher.suggest("running_2")
 
     ours = control = 0

@@ -21,6 +21,15 @@ class ResourcesConfig:
 
 
 @dataclass
+class ReplayConfig:
+    """Trials that train nothing (tuning.replay): for tests and for measuring the search itself."""
+    curves: str = ""  # "" = real training (the default); "formula"; or a curve CSV (tuning.replay)
+    seconds_per_epoch: float = field(default=1.0, metadata=_range(0.0))  # each epoch sleeps this long
+    checkpoint_mib: float = field(default=1.0, metadata=_range(0.0))  # size of each checkpoint's payload
+    noise: float = field(default=0.5, metadata=_range(0.0))  # formula: std of its seeded noise (months)
+
+
+@dataclass
 class TuneConfig:
     storage_path: str = "experiments"  # local folder, shared file system, or s3://bucket/path
     optuna_storage: Optional[str] = None  # Optuna storage URL; None = SQLite in the experiment folder
@@ -50,6 +59,7 @@ class TuneConfig:
     gallery_size: int = field(default=8, metadata=_range(0))  # worst test predictions, with Grad-CAM
     mlflow: bool = False  # also log every trial to MLflow (Ray's MLflowLoggerCallback)
     mlflow_tracking_uri: Optional[str] = None  # None = sqlite:///<experiment>/mlflow.db (offline)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)  # curves set: replayed trials, no training
 
 
 @dataclass
@@ -66,5 +76,8 @@ def load_search_config(path=None, overrides=()) -> SearchConfig:
     if cfg.tune.gpu_hours_budget and not cfg.tune.resources.gpu:
         raise InputError("tune.gpu_hours_budget is set but trials use no GPU (tune.resources.gpu: 0); "
                          "use tune.time_budget_s instead")
+    if cfg.tune.replay.curves and cfg.tune.retrain:
+        raise InputError("tune.replay.curves is set: replayed trials train no model, so there is none to retrain; "
+                         "set tune.retrain: false")
     parse_space(cfg)  # a bad space is an error now, not after Ray has started
     return cfg

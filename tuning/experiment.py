@@ -217,6 +217,9 @@ def resolve_paths(cfg) -> None:
         data.root = str(Path(data.root).expanduser().absolute())
     if data.test_root:
         data.test_root = str(Path(data.test_root).expanduser().absolute())
+    replay = getattr(getattr(cfg, "tune", None), "replay", None)
+    if replay and replay.curves not in ("", "formula"):
+        replay.curves = str(Path(replay.curves).expanduser().absolute())
     if model.weights not in ("imagenet", "none"):
         model.weights = str(Path(model.weights).expanduser().absolute())
         if not Path(model.weights).is_file():

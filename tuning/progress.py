@@ -2,6 +2,8 @@
 
     progress = SearchProgress(exp, cfg)          # a Tune callback and a stopper
     scheduler = Scheduler(progress, ...)         # ASHA that remembers its rungs
+    searcher = Limiter(searcher, max_concurrent=2)   # passes on trials restored by a resume
+    StudySync(exp, url)                          # a SQLite study copied into remote storage
 
 Ray restores trials and the searcher after a crash, but not the scheduler's rungs, nor the time
 spent: after `--resume`, ASHA would start with empty rungs (its next decisions compare trials
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
 
 from boneage.config import write_atomic
 
@@ -88,7 +92,12 @@ class SearchProgress(tune.Callback, tune.Stopper):
 
     # --- the callback ----------------------------------------------------------------------
 
+    # After `--resume`, Ray's controller unpickles its own copy of the stopper from its saved
+    # state, apart from this callback (and the scheduler's progress): the copy decides the stops,
+    # this instance saves. So the callback keeps the trial seconds too, and at the end records a
+    # budget that the copy met, or search_state.json would forget both.
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self(trial.trial_id, result)
         self.save()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -98,6 +107,7 @@ class SearchProgress(tune.Callback, tune.Stopper):
         self.save(publish=True)
 
     def on_experiment_end(self, trials, **info):
+        self.stop_all()
         self.save(publish=True)
 
 
@@ -178,3 +188,58 @@ class Scheduler(ASHAScheduler):
             if running >= self.max_running:
                 return None
         return super().choose_trial_to_run(tune_controller)
+
+
+def backup_sqlite(url: str, target: Path) -> bool:
+    """A consistent copy of a SQLite study (sqlite3's online backup, safe while in use) at
+    target; False for any other database, which needs no copying."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or not Path(parsed.database).is_file():
+        return False
+    source, copy = sqlite3.connect(parsed.database), sqlite3.connect(target)
+    try:
+        source.backup(copy)
+    finally:
+        source.close()
+        copy.close()
+    return True
+
+
+class StudySync(tune.Callback):
+    """On the driver, for a SQLite study and an s3:// (or other remote) storage: copy the study
+    into the storage after every trial that ends, so a lost head loses at most one trial's
+    entry of it, and `--resume` on a fresh head starts from the copy."""
+
+    def __init__(self, exp, url: str):
+        self.exp, self.url = exp, url
+
+    def sync(self) -> None:
+        import tempfile
+
+        from tuning.study import STUDY_DB
+
+        with tempfile.TemporaryDirectory() as folder:
+            if backup_sqlite(self.url, Path(folder) / STUDY_DB):
+                self.exp.publish([STUDY_DB], Path(folder))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.sync()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.sync()
+
+
+class Limiter(ConcurrencyLimiter):
+    """Ray's ConcurrencyLimiter (TPE suggests a trial only when a slot is free, so it learns from
+    the results so far), except that it passes on the end of a trial it did not suggest in this
+    session (an errored trial that `--resume` restarted) instead of dropping it."""
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if trial_id not in self.live_trials:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)

@@ -231,7 +231,8 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
     from tuning.experiment import SEARCH_CONFIG
     from tuning.html_report import write_html_report
     from tuning.report import draw_plots, format_summary, write_report, write_trials_csv
-    from tuning.study import STUDY_DB, StudySync, open_storage, study_url
+    from tuning.progress import StudySync
+    from tuning.study import STUDY_DB, open_storage, study_url
 
     from tuning.progress import load_state
 

@@ -7,7 +7,10 @@
     python -m tuning.search --retrain-only experiments/demo-20261201-101500   # or s3://.../NAME
 
 Ray Tune runs the trials (`tuning.trainable`), Optuna's TPE picks their hyperparameters from
-`tune.space` (`tuning.space`), and ASHA stops the weak ones early on validation MAE. The
+`tune.space` (`tuning.space`) and is told how each trial ended (`tuning.study.verdict`: COMPLETE,
+or PRUNED when ASHA, a budget or a divergence stopped it), and ASHA stops the weak ones early on
+validation MAE. With `tune.replay.curves` set, trials replay learning curves instead of training
+(`tuning.replay`: no TensorFlow, no image preparation, worker processes reused). The
 experiment lives in `tune.storage_path` (a folder, a shared file system or s3://; see
 `tuning.experiment`), the Optuna study in SQLite inside it (copied into s3:// storage after
 every trial) or at `tune.optuna_storage` (see `tuning.study`), so a resumed search continues it,
@@ -45,15 +48,13 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
     from ray import tune
 
     from tuning.nodecheck import NodeCheckWatch
-    from tuning.progress import Scheduler, SearchProgress
+    from tuning.progress import Limiter, Scheduler, SearchProgress, StudySync
     from tuning.space import parse_space
-    from tuning.study import Limiter, StudySync, fail_running_trials, make_searcher, open_storage, study_url
+    from tuning.study import fail_running_trials, make_searcher, open_storage, study_url
     from tuning.tracking import tracking_callbacks
-    from tuning.trainable import run_trial
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=dataclasses.asdict(cfg), splits=splits, expected=expected),
-        {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu})
+    trainable = tune.with_resources(trial_function(cfg, splits, expected),
+                                    {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu})
     url = study_url(cfg, exp.local_dir)
     if resume:
         if not tune.Tuner.can_restore(exp.uri):
@@ -76,13 +77,31 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
         trainable,
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-            num_samples=cfg.tune.num_samples, reuse_actors=False),
+            num_samples=cfg.tune.num_samples,
+            # a real trial sets TensorFlow up once per process: a fresh one each; a replayed one reuses it
+            reuse_actors=bool(cfg.tune.replay.curves)),
         run_config=tune.RunConfig(
             name=exp.name, storage_path=exp.storage_path, stop=tune.stopper.CombinedStopper(watch, progress),
             callbacks=[watch, progress] + ([StudySync(exp, url)] if exp.remote else [])
                       + tracking_callbacks(cfg, exp.name, exp.local_dir),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
+
+
+def trial_function(cfg: SearchConfig, splits, expected):
+    """The real trial (`tuning.trainable`), or with `tune.replay.curves` set one that replays a
+    curve and imports no TensorFlow (`tuning.replay`)."""
+    from ray import tune
+
+    replay = cfg.tune.replay.curves
+    if not replay:
+        from tuning.trainable import run_trial
+
+        return tune.with_parameters(run_trial, base=dataclasses.asdict(cfg), splits=splits, expected=expected)
+    from tuning.replay import load_curves, replay_trial
+
+    table = None if replay == "formula" else load_curves(replay, cfg)
+    return tune.with_parameters(replay_trial, base=dataclasses.asdict(cfg), table=table)
 
 
 def unfinished_trials(results) -> int:
@@ -110,6 +129,8 @@ def start_ray(address: str | None) -> None:
     its image holds."""
     import ray
 
+    if ray.is_initialized():  # a second search from one Python process (the tests): the same Ray
+        return
     quiet = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
     os.environ.update(quiet)  # local workers inherit the driver's environment
     # Checkpointing every epoch with num_to_keep=1 is deliberate; Tune warns about it each time.
@@ -178,6 +199,10 @@ def prepare(cfg: SearchConfig, name: str, address: str | None, resume: bool):
     exp.check_writable()  # a full disk or a read-only mount, before the data is even read
     if cfg.tune.optuna_storage:
         open_storage(study_url(cfg, exp.local_dir))  # a database server answers before any trial
+    if cfg.tune.replay.curves not in ("", "formula"):
+        from tuning.replay import load_curves
+
+        load_curves(cfg.tune.replay.curves, cfg)  # a bad curve file is refused before anything is written
     splits = load_splits(cfg.data, images=images_here(cfg, address))
     start_ray(address)
     shapes = cluster.node_shapes()
@@ -236,7 +261,8 @@ def search(cfg: SearchConfig, name: str, address: str | None = None, resume: boo
     started = time.time()
     from tuning.prepare import prepare_on_every_node
 
-    prepare_on_every_node(cfg, splits)  # a bad image is refused here, before anything is written
+    if not cfg.tune.replay.curves:  # replayed trials read no images
+        prepare_on_every_node(cfg, splits)  # a bad image is refused here, before anything is written
     try:
         token = exp.mark_storage()
         cluster.check_storage(exp, token, shapes)
@@ -259,6 +285,9 @@ def search(cfg: SearchConfig, name: str, address: str | None = None, resume: boo
     if unfinished_trials(results):
         raise SearchInterrupted(f"search {name} was interrupted; its state is saved. Continue it with:\n"
                                 f"  python -m tuning.search --config CONFIG --resume --name {name}")
+    from tuning.study import open_storage, settle, study_url
+
+    settle(open_storage(study_url(cfg, exp.local_dir)), exp.name, results, cfg.train.epochs)
     return finish(cfg, exp, results, splits, started)
 
 

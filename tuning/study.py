@@ -1,9 +1,19 @@
-"""The Optuna study behind a search: where it lives, how Ray's searcher talks to it, and how a
+"""The Optuna study behind a search: where it lives, what it is told about each trial, and how a
 crash is cleaned up.
 
     url = study_url(cfg, local_dir)              # the config's URL, or SQLite in the experiment
     storage = open_storage(url)                  # the password comes from BONEAGE_OPTUNA_PASSWORD
-    searcher = StudySearch(study_url=url, space=..., ...)
+    searcher = make_searcher(cfg, space, url, name, "val_mae", "min")
+    state, value = verdict(last_result, {epoch: val_mae}, max_epochs)   # what a trial's end is told
+
+What TPE is told decides what it learns, so every trial's end goes through `verdict`: a trial that
+ran its course (or stopped itself early) is COMPLETE with its best epoch's validation MAE, the one
+the retrain reproduces; a trial ASHA or a budget stopped is PRUNED with its per-epoch values kept
+(Optuna then holds its last one as its value, and TPE ranks it by the epoch it reached, then by
+that value); a diverged trial is PRUNED at the epoch it diverged (its value there: inf); an
+errored one FAIL. A tell that fails raises. Each study entry carries the Ray trial id
+(`ray_trial_id`), and `settle` closes what Ray ended without telling the searcher (a budget stop),
+so the study agrees with trials.csv trial by trial, also after `--resume`.
 
 The URL a user writes never holds a password: `BONEAGE_OPTUNA_PASSWORD` supplies it when the
 database is opened, in memory only. Ray pickles the searcher into the experiment (`tuner.pkl`,
@@ -12,18 +22,20 @@ the password) and reopens it on unpickling; no file the project writes holds the
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
-from ray import tune
-from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from boneage.errors import InputError
 
 STUDY_DB = "optuna.db"
 PASSWORD_ENV = "BONEAGE_OPTUNA_PASSWORD"
+RAY_TRIAL = "ray_trial_id"  # the user attribute naming a study entry's Ray trial
+OWN_ENDS = ("completed", "early_stopping")  # a trial's own `ended` when it ran its course
 
 
 def study_url(cfg, local_dir: Path) -> str:
@@ -82,41 +94,112 @@ def fail_running_trials(storage, study_name: str) -> int:
     return len(running)
 
 
-class StudySearch(OptunaSearch):
-    """Ray's OptunaSearch on our study, with two changes.
+class Verdict(NamedTuple):
+    state: "optuna.trial.TrialState"  # noqa: F821
+    value: float | None  # what the study holds after the tell (None for FAIL or no epoch)
 
-    A trial whose study entry was closed meanwhile (marked failed after a crash, then resumed
-    from its checkpoint by Ray) reports no epochs to the closed entry; its final result is added
-    as a new finished trial. And it pickles without its storage, which it reopens from the
+
+def curve_of(last_result: dict | None, intermediate: dict) -> dict[int, float]:
+    """{epoch: val_mae} of a trial: its reported values plus its last result's epoch (Ray never
+    passes the result that stops a trial to the searcher's on_trial_result)."""
+    steps = {int(k): float(v) for k, v in (intermediate or {}).items()}
+    last = last_result or {}
+    if last.get("val_mae") is not None and last.get("epoch"):
+        steps.setdefault(int(last["epoch"]), float(last["val_mae"]))
+    return steps
+
+
+def verdict(last_result: dict | None, intermediate: dict, max_epochs: int = 0, error: bool = False) -> Verdict:
+    """What the study is told when a trial ends, from the trial's last result (`tuning.trainable`'s
+    protocol: epoch, val_mae, best_val_mae, diverged, ended) and its {epoch: val_mae}.
+
+    - error: FAIL.
+    - diverged: PRUNED at the epoch it diverged, whose value (inf) Optuna keeps as the trial's.
+      Not FAIL: TPE leaves FAIL trials out of its model, so it would go on proposing the rates
+      that diverge; PRUNED keeps the trial among the bad ones (TPE ranks pruned trials by the
+      epoch they reached, then by their value there, and inf ranks last at its epoch).
+    - ran its course (ended completed or early_stopping, or reached max_epochs): COMPLETE with its
+      best epoch's validation MAE, the epoch `tuning.retrain.best_config` retrains to.
+    - anything else (ASHA, a budget or Ray stopped it; ended ""): PRUNED, the value its last epoch's.
+    Mirrors `tuning.retrain.collect_trials`' status, so the study agrees with trials.csv.
+    """
+    from optuna.trial import TrialState
+
+    if error:
+        return Verdict(TrialState.FAIL, None)
+    steps = curve_of(last_result, intermediate)
+    last = last_result or {}
+    epoch = int(last.get("epoch") or max(steps, default=0))
+    pruned = Verdict(TrialState.PRUNED, steps[max(steps)] if steps else None)
+    if last.get("diverged"):
+        return pruned
+    if last.get("ended") in OWN_ENDS or (max_epochs and epoch >= max_epochs):
+        finite = [v for v in steps.values() if math.isfinite(v)]
+        best = last.get("best_val_mae")
+        best = float(best) if best is not None and math.isfinite(float(best)) else min(finite, default=None)
+        if best is not None:
+            return Verdict(TrialState.COMPLETE, best)
+    return pruned
+
+
+class StudySearch(OptunaSearch):
+    """Ray's OptunaSearch on our study, telling it the truth (`verdict`) instead of COMPLETE with
+    whatever the last result held; Ray's version also only logged a tell that failed.
+
+    Intermediate values are reported per epoch. A trial whose study entry was closed meanwhile
+    (marked failed after a crash, or failed by an error, then resumed by Ray from its checkpoint)
+    reports nothing to the closed entry: its end is added as a new entry, with the closed entry's
+    epochs and the resumed ones. And it pickles without its storage, which it reopens from the
     password-free URL when unpickled (a resumed search).
     """
 
-    def __init__(self, *, study_url: str, **kwargs):
-        self._study_url = study_url
+    def __init__(self, *, study_url: str, max_epochs: int = 0, **kwargs):
+        self._study_url, self._max_epochs = study_url, max_epochs
         super().__init__(storage=open_storage(study_url), **kwargs)
 
-    def _closed(self, trial_id) -> bool:
-        ot_trial = self._ot_trials.get(trial_id)
-        return ot_trial is not None and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+    def _entry(self, trial_id) -> str:
+        """'open' (running), 'closed' (failed by a crash or an error while Ray runs the trial again
+        after a resume: its end becomes a new entry) or 'done' (told, or added anew already)."""
+        import optuna
+
+        if trial_id in self.__dict__.get("_readded", ()):
+            return "done"
+        state = self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id).state
+        return "open" if state == optuna.trial.TrialState.RUNNING else \
+            "closed" if state == optuna.trial.TrialState.FAIL else "done"
+
+    def suggest(self, trial_id):
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(RAY_TRIAL, trial_id)
+        return config
 
     def on_trial_result(self, trial_id, result):
-        if not self._closed(trial_id):
-            super().on_trial_result(trial_id, result)
+        value, epoch = result.get(self.metric), result.get("epoch") or result.get("training_iteration")
+        if value is None or not epoch:
+            return
+        entry = self._entry(trial_id)
+        if entry == "closed":  # kept for the entry that replaces the closed one
+            self.__dict__.setdefault("_late", {}).setdefault(trial_id, {})[int(epoch)] = float(value)
+        elif entry == "open" and int(epoch) not in self._ot_trials[trial_id]._cached_frozen_trial.intermediate_values:
+            self._ot_trials[trial_id].report(float(value), int(epoch))  # (a retried trial repeats epochs)
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         import optuna
 
-        if not self._closed(trial_id):
-            super().on_trial_complete(trial_id, result=result, error=error)
-            return
-        # closed: failed by a crash or an error, then resumed by Ray; its result is a new entry
-        value = (result or {}).get(self.metric)
-        readded = self.__dict__.setdefault("_readded", set())
-        if value is not None and not error and trial_id not in readded:
-            ot_trial = self._ot_trials[trial_id]
-            self._ot_study.add_trial(optuna.trial.create_trial(
-                params=ot_trial.params, distributions=ot_trial.distributions, value=value))
-            readded.add(trial_id)
+        ot_trial, entry = self._ot_trials[trial_id], self._entry(trial_id)
+        max_epochs = self.__dict__.get("_max_epochs", 0)
+        if entry == "closed":
+            frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+            steps = {**frozen.intermediate_values, **self.__dict__.get("_late", {}).pop(trial_id, {})}
+            state, value = verdict(result, steps, max_epochs, error)
+            if state != optuna.trial.TrialState.FAIL:  # a failure is already what the closed entry says
+                add_entry(self._ot_study, frozen, trial_id, curve_of(result, steps), state, value)
+                self.__dict__.setdefault("_readded", set()).add(trial_id)
+        elif entry == "open":
+            steps = curve_of(result, ot_trial._cached_frozen_trial.intermediate_values)
+            state, value = verdict(result, steps, max_epochs, error)
+            tell(self._ot_study, ot_trial, steps, state, value)
         self._completed_trials.add(trial_id)
 
     def __getstate__(self):
@@ -144,6 +227,61 @@ class StudySearch(OptunaSearch):
             self.__setstate__(pickle.load(f))
 
 
+def tell(study, ot_trial, steps: dict, state, value) -> None:
+    """Report the epochs the entry lacks, then tell it `state` (the value only for COMPLETE: for
+    PRUNED Optuna takes the last epoch's). Raises when the study refuses or records otherwise."""
+    import optuna
+
+    reported = study._storage.get_trial(ot_trial._trial_id).intermediate_values
+    for epoch, mae in sorted(steps.items()):
+        if epoch not in reported:
+            study._storage.set_trial_intermediate_value(ot_trial._trial_id, epoch, mae)
+    told = study.tell(ot_trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+    if told.state != state:
+        raise RuntimeError(f"the study recorded trial {told.number} as {told.state.name}, not {state.name}")
+
+
+def add_entry(study, closed, trial_id: str, steps: dict, state, value) -> None:
+    """A new finished entry for a trial whose entry was closed: its parameters, all its epochs."""
+    import optuna
+
+    study.add_trial(optuna.trial.create_trial(
+        params=closed.params, distributions=closed.distributions, state=state, value=value,
+        intermediate_values=steps, user_attrs={**closed.user_attrs, RAY_TRIAL: trial_id}))
+
+
+def settle(storage, study_name: str, results, max_epochs: int) -> int:
+    """After a search that ended (not interrupted): tell the study the end of every trial Ray
+    ended without telling the searcher. A budget stops the experiment through Ray's stopper,
+    which stops its trials without a word to the searcher (and a trial closed by a crash and then
+    cut by the budget was never re-added). Each is judged by `verdict` on its Ray result, as
+    trials.csv is. Returns how many entries it told or added."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    entries: dict[str, list] = {}
+    for entry in study.get_trials(deepcopy=False):
+        if RAY_TRIAL in entry.user_attrs:
+            entries.setdefault(entry.user_attrs[RAY_TRIAL], []).append(entry)
+    settled = 0
+    for result in results:
+        trial_id = str(result.metrics.get("trial_id", ""))
+        if trial_id not in entries:
+            continue
+        latest = max(entries[trial_id], key=lambda e: e.number)
+        history = result.metrics_dataframe
+        steps = ({int(e): float(v) for e, v in zip(history["epoch"], history["val_mae"])}
+                 if history is not None and {"epoch", "val_mae"} <= set(history) else {})
+        state, value = verdict(result.metrics, steps, max_epochs, error=result.error is not None)
+        if latest.state == optuna.trial.TrialState.RUNNING:
+            tell(study, optuna.Trial(study, latest._trial_id), curve_of(result.metrics, steps), state, value)
+            settled += 1
+        elif latest.state == optuna.trial.TrialState.FAIL and state != optuna.trial.TrialState.FAIL:
+            add_entry(study, latest, trial_id, curve_of(result.metrics, steps), state, value)
+            settled += 1
+    return settled
+
+
 def make_searcher(cfg, space: dict, url: str, study_name: str, metric: str, mode: str) -> StudySearch:
     import optuna
 
@@ -151,58 +289,6 @@ def make_searcher(cfg, space: dict, url: str, study_name: str, metric: str, mode
     # get the same suggestion (Optuna 5 defaults to it; set here so an older Optuna does too).
     sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.n_startup_trials,
                                          constant_liar=True)
-    return StudySearch(study_url=url, space=space, metric=metric, mode=mode, sampler=sampler,
-                       study_name=study_name, points_to_evaluate=list(cfg.tune.points_to_evaluate) or None)
-
-
-def backup_sqlite(url: str, target: Path) -> bool:
-    """A consistent copy of a SQLite study (sqlite3's online backup, safe while in use) at
-    target; False for any other database, which needs no copying."""
-    import sqlite3
-
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or not Path(parsed.database).is_file():
-        return False
-    source, copy = sqlite3.connect(parsed.database), sqlite3.connect(target)
-    try:
-        source.backup(copy)
-    finally:
-        source.close()
-        copy.close()
-    return True
-
-
-class StudySync(tune.Callback):
-    """On the driver, for a SQLite study and an s3:// (or other remote) storage: copy the study
-    into the storage after every trial that ends, so a lost head loses at most one trial's
-    entry of it, and `--resume` on a fresh head starts from the copy."""
-
-    def __init__(self, exp, url: str):
-        self.exp, self.url = exp, url
-
-    def sync(self) -> None:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as folder:
-            if backup_sqlite(self.url, Path(folder) / STUDY_DB):
-                self.exp.publish([STUDY_DB], Path(folder))
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.sync()
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.sync()
-
-
-class Limiter(ConcurrencyLimiter):
-    """Ray's ConcurrencyLimiter (TPE suggests a trial only when a slot is free, so it learns from
-    the results so far), except that it passes on the end of a trial it did not suggest in this
-    session (an errored trial that `--resume` restarted) instead of dropping it."""
-
-    def on_trial_complete(self, trial_id, result=None, error=False):
-        if trial_id not in self.live_trials:
-            self.searcher.on_trial_complete(trial_id, result=result, error=error)
-            return
-        super().on_trial_complete(trial_id, result=result, error=error)
+    return StudySearch(study_url=url, max_epochs=cfg.train.epochs, space=space, metric=metric, mode=mode,
+                       sampler=sampler, study_name=study_name,
+                       points_to_evaluate=list(cfg.tune.points_to_evaluate) or None)
