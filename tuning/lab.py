@@ -74,21 +74,53 @@ def bootstrap_iqm(values, seed: int = 0, n: int = 2000) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def run_lab(cfg, lab: Surrogate, methods, seeds: int, workers, budgets, report=print) -> dict:
-    """{method: {workers: array (seeds, grid)}} of best-so-far on the grid, plus the grid."""
-    top = max(budgets)
-    grid = np.arange(1, int(top * STEPS) + 1) / STEPS
+def _simulated(method: Method, cfg, lab: Surrogate, workers: int, seeds: int, grid) -> tuple:
+    started = time.process_time()
+    rows = np.array([best_at(simulate(method, cfg, lab, workers, grid[-1], s).events, grid * lab.full_trial())
+                     for s in range(seeds)])
+    return rows, time.process_time() - started
+
+
+def _top_k(cfg, lab: Surrogate, seeds: int, grid) -> tuple:
+    started = time.process_time()  # its split depends on the budget (one run per budget), not on workers
+    rows = np.array([one_epoch_top_k(cfg, lab, grid, s) for s in range(seeds)])
+    return rows, time.process_time() - started
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def run_lab(cfg, lab: Surrogate, methods, seeds: int, workers, budgets, jobs: int = 1, report=print) -> dict:
+    """{"grid": budgets in full trials, "curves": {method: {workers: best-so-far (seeds, grid)}},
+    "cpu_seconds": {method: s}}. `jobs` processes share the runs; every run is seeded on its
+    own, so the numbers do not depend on `jobs`."""
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    grid = np.arange(1, int(max(budgets) * STEPS) + 1) / STEPS
+    pool = ProcessPoolExecutor(jobs, initializer=_quiet_optuna) if jobs > 1 else None
+
+    def submit(fn, *args):
+        if pool:
+            return pool.submit(fn, *args)
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    tasks = {m.name: ({w: submit(_top_k, cfg, lab, seeds, grid) for w in workers[:1]} if m.name == TOP_K else
+                      {w: submit(_simulated, m, cfg, lab, w, seeds, grid) for w in workers}) for m in methods}
     curves, seconds = {}, {}
-    for method in methods:
-        started = time.process_time()
-        if method.name == TOP_K:  # its split depends on the budget (one run per budget), not on workers
-            rows = np.array([[one_epoch_top_k(cfg, lab, b, s) for b in grid] for s in range(seeds)])
-            curves[method.name] = {w: rows for w in workers}
-        else:
-            curves[method.name] = {w: np.array([best_at(simulate(method, cfg, lab, w, top, s).events, grid * lab.full_trial())
-                                                for s in range(seeds)]) for w in workers}
-        seconds[method.name] = time.process_time() - started
-        report(f"lab: {method.name}: {seeds} seeds x {len(workers)} worker counts in {seconds[method.name]:.1f} s CPU")
+    try:
+        for name, by_workers in tasks.items():
+            done = {w: f.result() for w, f in by_workers.items()}
+            curves[name] = {w: done[w if w in done else workers[0]][0] for w in workers}
+            seconds[name] = sum(cpu for _, cpu in done.values())
+            report(f"lab: {name}: {seeds} seeds x {len(workers)} worker counts, {seconds[name]:.1f} s CPU")
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     return {"grid": grid, "curves": curves, "cpu_seconds": seconds}
 
 
@@ -139,9 +171,10 @@ def plot(run: dict, rows, workers, path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(workers), figsize=(5 * len(workers), 4.5), squeeze=False, sharey=True)
     for ax, w in zip(axes[0], workers):
-        for name, by_workers in run["curves"].items():
+        for i, (name, by_workers) in enumerate(run["curves"].items()):
             iqms = [iqm(by_workers[w][:, j]) for j in range(len(run["grid"]))]
-            ax.plot(run["grid"], iqms, label=name, lw=2 if name in ("default", "random") else 1)
+            ax.plot(run["grid"], iqms, label=name, color=plt.cm.tab20(i % 20), ls=("-", "--", ":")[i % 3],
+                    lw=2.5 if name in ("default", "random") else 1.2)
         ax.set(xscale="log", xlabel="budget (full trials)", title=f"{w} worker(s)")
     axes[0][0].set_ylabel("best validation MAE (IQM over seeds)")
     axes[0][-1].legend(fontsize=7)
@@ -161,6 +194,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--budgets", type=float, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--methods", nargs="+", help="only these methods (default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes (the numbers do not depend on it)")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     try:
@@ -175,8 +209,8 @@ def main(argv=None) -> int:
         from tuning.space import parse_space
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        if args.seeds < 2 or min(args.workers) < 1 or min(args.budgets) <= 0:
-            raise InputError("--seeds must be 2 or more, --workers 1 or more, --budgets above 0")
+        if args.seeds < 2 or min(args.workers) < 1 or min(args.budgets) <= 0 or args.jobs < 1:
+            raise InputError("--seeds must be 2 or more, --workers and --jobs 1 or more, --budgets above 0")
         cfg = load_search_config(args.config, args.overrides)
         lab = Surrogate(read_curves(args.curves), parse_space(cfg), cfg.train.epochs)
         methods = make_methods(cfg, lab.recipe)
@@ -189,9 +223,12 @@ def main(argv=None) -> int:
         budgets = sorted(set(args.budgets))
         print(f"lab: {len(lab.ids)} configurations, start-up {lab.startup:.2f} epochs, a full trial "
               f"{lab.full_trial():.2f} epoch-units", flush=True)
-        run = run_lab(cfg, lab, methods, args.seeds, args.workers, budgets, report=lambda m: print(m, flush=True))
+        started = time.time()
+        run = run_lab(cfg, lab, methods, args.seeds, args.workers, budgets, args.jobs,
+                      report=lambda m: print(m, flush=True))
         rows = summarize(run, args.workers, budgets)
         print(format_table(rows, args.workers, budgets, lab.recipe_sd))
+        print(f"lab: {time.time() - started:.0f} s in all ({sum(run['cpu_seconds'].values()):.0f} s CPU in the runs)")
         if args.json:
             result = {"curves": args.curves, "config": args.config, "seeds": args.seeds, "workers": args.workers,
                       "budgets": budgets, "startup_epochs": lab.startup, "recipe_sd": _finite(lab.recipe_sd),

@@ -246,23 +246,27 @@ def best_at(events: list, budgets_units) -> np.ndarray:
                      for b in budgets_units])
 
 
-def one_epoch_top_k(cfg, lab: Surrogate, budget: float, seed: int) -> float:
-    """Egele et al.'s baseline at one budget: half of it on one-epoch trials of random
+def one_epoch_top_k(cfg, lab: Surrogate, budgets, seed: int) -> np.ndarray:
+    """Egele et al.'s baseline, at each budget: half of it on one-epoch trials of random
     configurations, the rest continuing the best of them, each from its checkpoint (so it pays a
-    start-up again, not its first epoch). Returns the best val_mae seen."""
+    start-up again, not its first epoch). The best val_mae seen, per budget. The configurations
+    are drawn once for the largest budget: a smaller one uses the first of them, as its own run would."""
     import optuna
 
     rng = np.random.default_rng([seed, 7])
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    limit = budget * lab.full_trial()
-    n = max(1, int(limit / 2 // (lab.startup + 1)))
-    curves = [lab.curve(study.ask(lab.space).params, rng) for _ in range(n)]
-    spent = n * (lab.startup + 1)
-    if spent > limit + 1e-9:
-        return math.inf
-    k = int((limit - spent) // (lab.startup + lab.epochs - 1)) if lab.epochs > 1 else 0
-    best = min(c[0] for c in curves)
-    for curve in sorted(curves, key=lambda c: c[0])[:k]:
-        if math.isfinite(curve[0]):
-            best = min(best, float(np.min(curve)))
-    return float(best)
+    limits = np.asarray(budgets, float) * lab.full_trial()
+    counts = [max(1, int(limit / 2 // (lab.startup + 1))) for limit in limits]
+    curves = np.array([lab.curve(study.ask(lab.space).params, rng) for _ in range(max(counts))])
+    bests = []
+    for limit, n in zip(limits, counts):
+        spent = n * (lab.startup + 1)
+        if spent > limit + 1e-9:
+            bests.append(math.inf)
+            continue
+        k = int((limit - spent) // (lab.startup + lab.epochs - 1)) if lab.epochs > 1 else 0
+        probes = curves[:n]
+        chosen = probes[np.argsort(probes[:, 0], kind="stable")[:k]]
+        chosen = chosen[np.isfinite(chosen[:, 0])]
+        bests.append(float(min(probes[:, 0].min(), chosen.min() if len(chosen) else math.inf)))
+    return np.array(bests)
