@@ -201,11 +201,14 @@ def record(cfg, out, n: int, seeds: int = 1, recipe_seeds: int = 5, design_seed:
         {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu})
     points = [{"config_id": j["config_id"], "seed": j["seed"], **j["params"]} for j in todo]
     print(f"record: trials run in experiment {exp.local_dir} (Ray's files; the table is {out})", flush=True)
-    tune.Tuner(trainable, param_space={"job": tune.grid_search(points)},
-               tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent_trials, reuse_actors=False),
-               run_config=tune.RunConfig(name=exp.name, storage_path=exp.storage_path, callbacks=[recorder],
-                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0)).fit()
-    ray.shutdown()
+    try:
+        tune.Tuner(trainable, param_space={"job": tune.grid_search(points)},
+                   tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent_trials or None,
+                                               reuse_actors=False),
+                   run_config=tune.RunConfig(name=exp.name, storage_path=exp.storage_path, callbacks=[recorder],
+                                             checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0)).fit()
+    finally:
+        ray.shutdown()
     return recorder.finished
 
 
