@@ -25,7 +25,9 @@ itself that is exactly one of its recorded seeds, and a configuration recorded o
 recorded (its noise is in it already).
 
 Cost, in epoch-units: every epoch costs 1 and every new trial its start-up (the table's median
-start-up over its median epoch), charged when it starts. A budget B is B full trials, B x
+start-up over its median epoch), charged when it starts. Every configuration's epoch costs the
+same, as the issue's trial-epoch budgets count them; where the space varies image_size or
+batch_size, real epochs differ (the `seconds` column has them) and the lab does not see it. A budget B is B full trials, B x
 (train.epochs + start-up) units summed over workers. A charge that does not fit ends the
 search (trials in flight finish their charged epoch), so the run at the largest budget holds
 every smaller budget's run as a prefix: the best at budget b is the best of the epochs charged
@@ -70,9 +72,9 @@ class Surrogate:
             raise InputError(f"curve table: curves run to epoch {table['epoch'].max()}, the config's "
                              f"train.epochs is {epochs}")
         runs = {key: g.sort_values("epoch") for key, g in table.groupby(["config_id", "seed"], sort=True)}
-        short = [f"{c} seed {s}" for (c, s), g in runs.items() if len(g) != epochs]
+        short = [f"{c} seed {s} has {len(g)} rows" for (c, s), g in runs.items() if len(g) != epochs]
         if short:
-            raise InputError(f"curve table: {short[0]} has {len(runs[next(iter(runs))])} rows, not one per epoch")
+            raise InputError(f"curve table: {short[0]}, not one per epoch 1..{epochs}")
         by_config: dict = {}
         for (config_id, _), g in runs.items():
             by_config.setdefault(config_id, []).append(g)
