@@ -267,3 +267,15 @@ def test_stopped_trials_are_told_as_shipped_or_as_the_truth():
     assert told[0][:2] == ("COMPLETE", 25.0)  # Ray 2.60: the last result, as if the trial had finished
     assert told[1][0] == "PRUNED" and told[1][2] == {1: 30.0, 2: 20.0, 3: 25.0}  # kept for TPE's ranking
     assert told[2][0] == "PRUNED" and told[3][:2] == ("COMPLETE", 20.0)  # completed: its best epoch
+
+
+def test_replay_reads_the_nearest_recorded_curve_with_the_recipes_noise(lab_setup):
+    _, lab = lab_setup
+    table, rng = synthetic_table(), np.random.default_rng(0)
+    recipe = [g["val_mae"].to_numpy() for _, g in table[table["config_id"] == "recipe"].groupby("seed")]
+    draws = [lab.curve({"learning_rate": 1.1e-3, "dropout": 0.19}, rng) for _ in range(20)]
+    assert all(any(np.allclose(d, r) for r in recipe) for d in draws)  # exactly one of its seeds
+    assert len({tuple(np.round(d, 6)) for d in draws}) > 1  # and not always the same one
+    q = table[table["config_id"] == "q010"]
+    near = {"learning_rate": q["learning_rate"].iloc[0] * 1.05, "dropout": q["dropout"].iloc[0] + 0.01}
+    assert np.allclose(lab.curve(near, rng), q["val_mae"].to_numpy())  # recorded once: replayed as recorded
