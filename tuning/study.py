@@ -282,13 +282,17 @@ def settle(storage, study_name: str, results, max_epochs: int) -> int:
     return settled
 
 
-def make_searcher(cfg, space: dict, url: str, study_name: str, metric: str, mode: str) -> StudySearch:
+def make_sampler(cfg):
+    """The search's TPE sampler; `tuning.lab` replays searches with this same function."""
     import optuna
 
     # constant_liar: trials still running count as bad results, so concurrent trials do not all
     # get the same suggestion (Optuna 5 defaults to it; set here so an older Optuna does too).
-    sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.n_startup_trials,
-                                         constant_liar=True)
+    return optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.n_startup_trials,
+                                      constant_liar=True)
+
+
+def make_searcher(cfg, space: dict, url: str, study_name: str, metric: str, mode: str) -> StudySearch:
     return StudySearch(study_url=url, max_epochs=cfg.train.epochs, space=space, metric=metric, mode=mode,
-                       sampler=sampler, study_name=study_name,
+                       sampler=make_sampler(cfg), study_name=study_name,
                        points_to_evaluate=list(cfg.tune.points_to_evaluate) or None)
