@@ -66,5 +66,9 @@ def load_search_config(path=None, overrides=()) -> SearchConfig:
     if cfg.tune.gpu_hours_budget and not cfg.tune.resources.gpu:
         raise InputError("tune.gpu_hours_budget is set but trials use no GPU (tune.resources.gpu: 0); "
                          "use tune.time_budget_s instead")
+    if cfg.tune.grace_period > cfg.train.epochs:  # ASHA's max_t is train.epochs; Ray would assert
+        raise InputError(f"tune.grace_period ({cfg.tune.grace_period}) is more than train.epochs "
+                         f"({cfg.train.epochs}), the most epochs a trial trains: lower tune.grace_period "
+                         f"or raise train.epochs")
     parse_space(cfg)  # a bad space is an error now, not after Ray has started
     return cfg
