@@ -10,7 +10,7 @@ on 127.0.0.1 only, on a free port, plus a unix socket in that folder, and asks e
 a password (scram-sha-256). A role and a database are made for the tests; the fixture yields the
 URL without the password, and the password, and stops the server (`pg_ctl stop -m fast`) at
 the end of the session. It skips, saying why, where the binaries or `runuser` are missing.
-Start-up costs about 3 s.
+Start-up costs about 5 s.
 """
 from __future__ import annotations
 
@@ -95,7 +95,9 @@ def postgres():
     def run(*args):
         proc = subprocess.run(prefix + [str(bin_dir / args[0]), *args[1:]], capture_output=True, text=True,
                               timeout=120)
-        assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        log = folder / "server.log"
+        assert proc.returncode == 0, (f"{args[0]} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+                                      + (log.read_text()[-2000:] if log.exists() else ""))
 
     run("initdb", "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}", "--auth=scram-sha-256",
         "--encoding=UTF8", "--no-instructions")

@@ -43,10 +43,11 @@ def search(config, env, *args) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_a_search_with_its_study_in_postgresql_resumes_on_a_new_head(tmp_path, phantom_root, postgres, monkeypatch):
-    """Costs about 100 s: two search processes (Ray, 3 one-epoch trials at 71 px, two at once,
-    no retrain), plus the server's start (3 s, once per session). It cannot share
-    `finished_search` (tests/test_search.py): that study is SQLite in the experiment, and this
-    one must be interrupted and resumed on another head."""
+    """Costs two rounds of two one-epoch trials at 71 px at once (before and after the
+    interrupt) and two Ray starts, no retrain: 364 s and 527 s measured on 2 cores shared with a
+    whole test run (load 6-8, one trial 110-210 s), plus the server's start (5 s, once per
+    session). It cannot share `finished_search` (tests/test_search.py): that study is SQLite in
+    the experiment, and this one must be interrupted and resumed on another head."""
     import optuna
     from sqlalchemy.engine import make_url
 
