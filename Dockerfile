@@ -25,10 +25,11 @@ COPY --chown=ray:users boneage boneage
 COPY --chown=ray:users tuning tuning
 COPY --chown=ray:users configs configs
 
-# The project at its pins; boto3 too, at its pin: the autoscaler on the head launches the EC2 workers
+# The project at its pins with the PostgreSQL driver (a study on a server: README, "The Optuna study in
+# PostgreSQL"); boto3 too, at its pin: the autoscaler on the head launches the EC2 workers
 # with it, and the base image's older boto3 does not accept the pinned urllib3 and python-dateutil.
-RUN pip install --no-cache-dir -c constraints.txt -e ".[gpu]" boto3 \
- && python -c "import ray, tensorflow, keras, optuna, boto3, pyarrow.fs, boneage, tuning; \
+RUN pip install --no-cache-dir -c constraints.txt -e ".[gpu,postgres]" boto3 \
+ && python -c "import ray, tensorflow, keras, optuna, boto3, pyarrow.fs, psycopg2, boneage, tuning; \
 assert ray.__version__ == '2.60.0', ray.__version__; print('ray', ray.__version__, 'tensorflow', tensorflow.__version__)"
 
 # The ImageNet weights of Xception without its top, fetched once here (Keras checks the file's hash).

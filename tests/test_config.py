@@ -67,3 +67,43 @@ def test_cli_reports_bad_config_with_status_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "boneage", "train", "--bogus"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--bogus" in proc.stderr
+
+
+def test_resume_picks_only_experiments_of_exactly_this_config(tmp_path):
+    """`--resume` on demo.yaml looks for demo-YYYYmmdd-HHMMSS, never demo-small-... (a prefix)."""
+    from tuning.config import load_search_config
+    from tuning.experiment import SEARCH_CONFIG, experiment_names
+
+    for name in ["demo-20261201-101500", "demo-small-20261202-090000", "demo-20261203-080000",
+                 "demo-again", "demo-20261204-0800"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / SEARCH_CONFIG).write_text("{}\n")
+    (tmp_path / "demo-20261205-070000").mkdir()  # never started: no search config
+    cfg = load_search_config(None, [f"tune.storage_path={tmp_path}"])
+    assert experiment_names(cfg, "demo") == ["demo-20261201-101500", "demo-20261203-080000"]
+    assert experiment_names(cfg, "demo-small") == ["demo-small-20261202-090000"]
+
+
+def test_a_grace_period_longer_than_the_epochs_is_one_message_and_status_2(tmp_path, capsys):
+    """Ray's ASHA would assert (traceback, status 1) after the experiment was created."""
+    from tuning.search import main
+
+    storage = tmp_path / "experiments"
+    status = main(["--config", "configs/demo.yaml", "--set", "train.epochs=1",
+                   "--set", f"tune.storage_path={storage}"])
+    err = capsys.readouterr().err
+    assert status == 2 and "tune.grace_period (2)" in err and "train.epochs (1)" in err
+    assert "Traceback" not in err and not storage.exists()
+
+
+def test_the_default_configs_example_study_url_is_one_the_search_takes(tmp_path):
+    import re
+    from pathlib import Path
+
+    from tuning.config import load_search_config
+    from tuning.study import study_url
+
+    text = (Path(__file__).parent.parent / "configs" / "default.yaml").read_text()
+    (example,) = re.findall(r"optuna_storage: null +# e\.g\. (\S+)", text)
+    cfg = load_search_config(None, [f"tune.optuna_storage={example}"])
+    assert study_url(cfg, tmp_path) == example  # no password in it, so not refused

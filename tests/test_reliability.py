@@ -2,13 +2,11 @@
 are refused, a skipped plot is warned about, the split says when it stratifies more coarsely, and
 the same seed and config give the same split, trial configurations and (on CPU) metrics."""
 import json
-import os
 import sqlite3
 import subprocess
 import sys
 import time
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -280,35 +278,3 @@ def test_same_seed_same_metrics_on_cpu(phantom_root):
     assert first["best_val_mae"] == pytest.approx(second["best_val_mae"], rel=1e-5)
     for wa, wb in zip(model_a.get_weights(), model_b.get_weights()):
         np.testing.assert_allclose(wa, wb, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_the_study_password_is_in_no_file_the_search_writes(tmp_path, phantom_root):
-    """The study database wants a password (tests/db_double: it refuses a connection without it);
-    the search gets it from BONEAGE_OPTUNA_PASSWORD, runs, and no file of the experiment holds it,
-    Ray's tuner.pkl and the pickled searcher included."""
-    import subprocess
-    import sys
-    import uuid
-
-    import optuna
-
-    from tests.test_search import search_config
-
-    marker = f"pw-{uuid.uuid4().hex}"
-    config = search_config(tmp_path, phantom_root, [1.0e-3], epochs=1, retrain=False,
-                           optuna_storage=f"sqlitepw://boneage@localhost/{tmp_path}/study.db")
-    double = Path(__file__).parent / "db_double"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(double), os.environ.get("PYTHONPATH", "")]),
-           "BONEAGE_TEST_DB_PASSWORD": marker, "BONEAGE_OPTUNA_PASSWORD": marker}
-    proc = subprocess.run([sys.executable, "-m", "tuning.search", "--config", str(config), "--name", "secret"],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    study = optuna.load_study(study_name="secret", storage=f"sqlite:///{tmp_path}/study.db")
-    assert [t.state.name for t in study.trials] == ["COMPLETE"]  # the password did reach the database
-    experiment = tmp_path / "experiments" / "secret"
-    files = [p for p in experiment.rglob("*") if p.is_file()]
-    assert {"tuner.pkl", "search_config.yaml"} <= {p.name for p in files}
-    assert any(p.name.startswith("searcher-state") for p in files)
-    leaks = [str(p) for p in files if marker.encode() in p.read_bytes()]
-    assert leaks == [] and marker not in proc.stdout + proc.stderr

@@ -186,3 +186,38 @@ def test_history_follows_study_trial_numbers():
     trials = make_trials()
     assert list(_in_trial_order(trials, study)["trial_id"]) == sorted(trials["trial_id"], reverse=True)
     assert list(_in_trial_order(trials, None)["trial_id"]) == sorted(trials["trial_id"])
+
+
+def test_importance_is_drawn_with_the_evaluator_its_label_names():
+    """Optuna 5's default evaluator is PED-ANOVA, not fANOVA: the bars are PED-ANOVA's values and
+    the axis says so (fANOVA's differ on this study, so a mislabelled plot would fail here)."""
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator, get_param_importances
+
+    from tuning.report import _plot_importance
+
+    study = make_study()
+    fig = _plot_importance(study)
+    ax = fig.axes[0]
+    drawn = {label.get_text(): bar.get_width() for label, bar in zip(ax.get_yticklabels(), ax.patches)}
+    params = sorted(drawn)
+    ped = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), params=params)
+    fanova = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), params=params)
+    assert drawn == pytest.approx(ped)
+    assert drawn != pytest.approx(fanova)
+    assert "PED-ANOVA" in ax.get_xlabel() and "fANOVA" not in ax.get_xlabel()
+
+
+@pytest.mark.parametrize("url, command", [
+    ("postgresql+psycopg2://boneage@db.example:5432/optuna",
+     'PGPASSWORD="$BONEAGE_OPTUNA_PASSWORD" optuna-dashboard postgresql+psycopg2://boneage@db.example:5432/optuna'),
+    ("sqlite:////data/exp/optuna.db", "optuna-dashboard sqlite:////data/exp/optuna.db"),
+    (None, "optuna-dashboard sqlite:///{exp}/optuna.db"),  # a summary written before it named its study
+])
+def test_report_html_shows_the_dashboard_command_of_the_study_it_used(tmp_path, url, command):
+    from tuning.html_report import write_html_report
+
+    exp = tmp_path / "exp"
+    summary = make_summary(tmp_path) | ({"study": url} if url else {})
+    page = write_html_report(exp, make_trials(), None, summary, []).read_text()
+    assert command.format(exp=exp) in page.replace("&quot;", '"')
+    assert page.count("optuna-dashboard") == 1

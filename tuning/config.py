@@ -79,5 +79,9 @@ def load_search_config(path=None, overrides=()) -> SearchConfig:
     if cfg.tune.replay.curves and cfg.tune.retrain:
         raise InputError("tune.replay.curves is set: replayed trials train no model, so there is none to retrain; "
                          "set tune.retrain: false")
+    if cfg.tune.grace_period > cfg.train.epochs:  # ASHA's max_t is train.epochs; Ray would assert
+        raise InputError(f"tune.grace_period ({cfg.tune.grace_period}) is more than train.epochs "
+                         f"({cfg.train.epochs}), the most epochs a trial trains: lower tune.grace_period "
+                         f"or raise train.epochs")
     parse_space(cfg)  # a bad space is an error now, not after Ray has started
     return cfg

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -227,7 +228,8 @@ def resolve_paths(cfg) -> None:
 
 
 def experiment_names(cfg, stem: str) -> list[str]:
-    """Names of the experiments `stem-*` in the storage, oldest first (for --resume without --name)."""
+    """Names of the experiments `stem-YYYYmmdd-HHMMSS` in the storage, oldest first (for --resume
+    without --name): exactly the stem, so `demo` never picks a `demo-small-...` experiment."""
     import pyarrow.fs
 
     probe = Experiment.create(cfg, "probe")
@@ -236,7 +238,8 @@ def experiment_names(cfg, stem: str) -> list[str]:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
     except (ValueError, OSError) as err:
         raise InputError(f"tune.storage_path {probe.storage_path}: cannot list it ({err})") from None
-    names = sorted(os.path.basename(i.path) for i in infos  # names end in -YYYYmmdd-HHMMSS
-                   if i.type == pyarrow.fs.FileType.Directory and os.path.basename(i.path).startswith(f"{stem}-"))
+    pattern = re.compile(re.escape(stem) + r"-\d{8}-\d{6}")  # the default name of tuning.search
+    names = sorted(os.path.basename(i.path) for i in infos
+                   if i.type == pyarrow.fs.FileType.Directory and pattern.fullmatch(os.path.basename(i.path)))
     # only real experiments: a folder without its search config was never started
     return [n for n in names if fs.get_file_info(f"{base}/{n}/{SEARCH_CONFIG}").type == pyarrow.fs.FileType.File]

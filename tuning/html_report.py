@@ -159,9 +159,18 @@ def _plot_variants(variants: list):
     return fig
 
 
+def dashboard_command(study_url: str) -> str:
+    """optuna-dashboard on the study's URL, which never holds a password: for PostgreSQL, libpq
+    takes it from PGPASSWORD (or ~/.pgpass), here filled from the search's own variable."""
+    if study_url.startswith("postgresql"):
+        return f'PGPASSWORD="$BONEAGE_OPTUNA_PASSWORD" optuna-dashboard {study_url}'
+    return f"optuna-dashboard {study_url}"
+
+
 def _how_to_look(summary: dict, out: Path) -> str:
+    study = summary.get("study") or f"sqlite:///{out / 'optuna.db'}"  # a summary from before "study"
     lines = [f"tensorboard --logdir {out}          # every trial's curves",
-             f"optuna-dashboard sqlite:///{out / 'optuna.db'}   # the Optuna study"]
+             f"{dashboard_command(study)}   # the Optuna study"]
     if (out / "mlflow.db").exists():
         lines.append(f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}")
     return "<pre>" + _e("\n".join(lines)) + "</pre>"

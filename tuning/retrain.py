@@ -229,7 +229,7 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
     import optuna
 
     from tuning.experiment import SEARCH_CONFIG
-    from tuning.html_report import write_html_report
+    from tuning.html_report import dashboard_command, write_html_report
     from tuning.report import draw_plots, format_summary, write_report, write_trials_csv
     from tuning.progress import StudySync
     from tuning.study import STUDY_DB, open_storage, study_url
@@ -258,7 +258,7 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
     url = study_url(cfg, local_dir)
     study = optuna.load_study(study_name=exp.name, storage=open_storage(url))
     summary = {
-        "name": exp.name, "num_trials": len(trials), "storage": exp.uri,
+        "name": exp.name, "num_trials": len(trials), "storage": exp.uri, "study": url,  # password-free
         "best": {"trial_id": best["trial_id"], "val_mae": float(best["best_val_mae"]),
                  "params": {k[6:]: best[k] for k in trials.columns if k.startswith("param.")},
                  "epochs": int(best["epochs"])},
@@ -289,8 +289,7 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
         print(f"  {variant['name']:<22} test MAE {variant['mae']:.2f} "
               f"({variant['mae_ci95'][0]:.2f}-{variant['mae_ci95'][1]:.2f})")
     print(f"Report: {local_dir / 'report.html'}")
-    if not cfg.tune.optuna_storage:
-        print(f"Optuna dashboard: optuna-dashboard sqlite:///{local_dir / STUDY_DB}")
+    print(f"Optuna dashboard: {dashboard_command(url)}")
     print(f"TensorBoard: tensorboard --logdir {local_dir}")
     return summary
 

@@ -15,9 +15,9 @@ errored one FAIL. A tell that fails raises. Each study entry carries the Ray tri
 (`ray_trial_id`), and `settle` closes what Ray ended without telling the searcher (a budget stop),
 so the study agrees with trials.csv trial by trial, also after `--resume`.
 
-The URL a user writes never holds a password: `BONEAGE_OPTUNA_PASSWORD` supplies it when the
-database is opened, in memory only. Ray pickles the searcher into the experiment (`tuner.pkl`,
-`searcher-state-*.pkl`), so `StudySearch` pickles without its storage (a database engine holding
+The URL a user writes never holds a password: `BONEAGE_OPTUNA_PASSWORD` (or the file that
+`BONEAGE_OPTUNA_PASSWORD_FILE` names) supplies it when the database is opened, in memory only.
+Ray pickles the searcher into the experiment (`tuner.pkl`, `searcher-state-*.pkl`), so `StudySearch` pickles without its storage (a database engine holding
 the password) and reopens it on unpickling; no file the project writes holds the password.
 """
 from __future__ import annotations
@@ -36,6 +36,9 @@ STUDY_DB = "optuna.db"
 PASSWORD_ENV = "BONEAGE_OPTUNA_PASSWORD"
 RAY_TRIAL = "ray_trial_id"  # the user attribute naming a study entry's Ray trial
 OWN_ENDS = ("completed", "early_stopping")  # a trial's own `ended` when it ran its course
+PASSWORD_FILE_ENV = "BONEAGE_OPTUNA_PASSWORD_FILE"  # a file, so no command line or job record holds it
+# what PostgreSQL's libpq and MySQL say when the password is wrong or missing
+REFUSED_PASSWORD = ("password authentication failed", "no password supplied", "Access denied for user")
 
 
 def study_url(cfg, local_dir: Path) -> str:
@@ -50,22 +53,38 @@ def study_url(cfg, local_dir: Path) -> str:
         raise InputError(f"tune.optuna_storage: {url!r} is not a database URL ({err})") from None
     if parsed.password is not None:
         raise InputError(f"tune.optuna_storage: {parsed.render_as_string(hide_password=True)} holds a password; "
-                         f"remove it from the URL and set {PASSWORD_ENV} instead (it is then never written "
-                         f"to any file)")
+                         f"remove it from the URL and set {PASSWORD_ENV} (or {PASSWORD_FILE_ENV}) instead "
+                         f"(it is then never written to any file)")
     return url
 
 
+def study_password() -> str | None:
+    """BONEAGE_OPTUNA_PASSWORD, else the first line of the file BONEAGE_OPTUNA_PASSWORD_FILE names."""
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    path = os.environ.get(PASSWORD_FILE_ENV)
+    if not path:
+        return None
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except OSError as err:
+        raise InputError(f"{PASSWORD_FILE_ENV}: cannot read {path} ({err.strerror})") from None
+    return lines[0] if lines and lines[0] else None
+
+
 def open_storage(url: str):
-    """The Optuna storage. A URL that cannot name a usable database is bad input (status 2); a
-    database that is there but fails (locked, unreachable, a newer schema) raises as it is."""
+    """The Optuna storage. A URL that cannot name a usable database, or a password the server
+    refuses, is bad input (status 2); a database that is there but fails (locked, unreachable, a
+    newer schema) raises as it is."""
     import optuna
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, OperationalError
 
     parsed = make_url(url)
     shown = parsed.render_as_string(hide_password=True)  # never print a password
-    if os.environ.get(PASSWORD_ENV):
-        parsed = parsed.set(password=os.environ[PASSWORD_ENV])
+    password = study_password()
+    if password:
+        parsed = parsed.set(password=password)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         folder = Path(parsed.database).expanduser().absolute().parent
         if not folder.is_dir():
@@ -77,6 +96,13 @@ def open_storage(url: str):
     except ImportError as err:  # Optuna: this kind of database has no driver installed here
         raise InputError(f"tune.optuna_storage: {shown}: {err} (for PostgreSQL: pip install "
                          f"psycopg2-binary; for MySQL: pip install pymysql)") from None
+    except OperationalError as err:  # a refused password is the user's to fix; a server down is not
+        if not any(sign in str(err) for sign in REFUSED_PASSWORD):
+            raise
+        given = "a wrong password" if password else "no password"
+        raise InputError(f"tune.optuna_storage: {shown}: the server refused {given} for user "
+                         f"{parsed.username!r}; set {PASSWORD_ENV} (or {PASSWORD_FILE_ENV}, a file) to that "
+                         f"user's password") from None
 
 
 def fail_running_trials(storage, study_name: str) -> int:
