@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import HEAD_ONLY
 from tests.test_search import run_search, search_config
 
 pytestmark = pytest.mark.slow
@@ -80,7 +81,7 @@ def study_states(experiment: Path, name: str) -> list[str]:
 def test_driver_killed_then_resumed_finishes_every_trial_once(tmp_path, phantom_root):
     rates = [1.0e-3, 5.0e-4, 2.0e-3, 1.5e-3]
     config = search_config(tmp_path, phantom_root, rates, epochs=3, max_concurrent_trials=1, grace_period=3,
-                           max_failures=0, time_budget_s=3000)
+                           max_failures=0, time_budget_s=3000, frozen_layers=HEAD_ONLY)
     experiment = tmp_path / "experiments" / "killed"
     driver = start(config, "killed")
     try:
@@ -131,8 +132,10 @@ def test_driver_killed_then_resumed_finishes_every_trial_once(tmp_path, phantom_
 
 
 def test_a_trial_killed_until_its_retries_run_out_is_failed_and_the_search_completes(tmp_path, phantom_root):
-    config = search_config(tmp_path, phantom_root, [1.0e-3, 5.0e-4], epochs=3, max_concurrent_trials=1,
-                           grace_period=2, max_failures=1)
+    # 4 epochs: the retried trial is killed after epoch 2 while epochs 3-4 run (a window of two
+    # epochs); grace period 4: no ASHA rung, so the other trial runs its course whatever it learns
+    config = search_config(tmp_path, phantom_root, [1.0e-3, 5.0e-4], epochs=4, max_concurrent_trials=1,
+                           grace_period=4, max_failures=1, frozen_layers=HEAD_ONLY)
     experiment = tmp_path / "experiments" / "retried"
     driver = start(config, "retried")
     try:

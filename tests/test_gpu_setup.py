@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import HEAD_ONLY, tiny_overrides
 
 GPU_DOUBLE = Path(__file__).parent / "gpu_double"
 REPO = Path(__file__).parent.parent
@@ -126,7 +126,7 @@ except ValueError as err:
 
 @pytest.mark.slow
 def test_fractional_trial_sets_one_cap_and_trains(tmp_path, phantom_root):
-    overrides = tiny_overrides(phantom_root) + ["train.mixed_precision=false"]
+    overrides = tiny_overrides(phantom_root) + [f"model.frozen_layers={HEAD_ONLY}", "train.mixed_precision=false"]
     proc, calls = run_with_fake_gpus(tmp_path, ["-c", TRIAL, json.dumps(overrides)], gpus=2, visible="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = A10G_MIB // 2 - 1024
@@ -169,7 +169,8 @@ print("MAX_DIFF", float(abs(again - saved["predicted"].to_numpy()).max()))
 
 @pytest.mark.slow
 def test_retrain_on_two_gpus_uses_memory_growth_and_exports_float32(tmp_path, phantom_root):
-    overrides = tiny_overrides(phantom_root) + ["train.mixed_precision=true", "train.schedule=cosine"]
+    overrides = tiny_overrides(phantom_root) + [f"model.frozen_layers={HEAD_ONLY}", "train.mixed_precision=true",
+                                                "train.schedule=cosine"]
     proc, calls = run_with_fake_gpus(tmp_path, ["-c", RETRAIN, json.dumps(overrides)], gpus=2, visible="0,1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(c["call"], c["device"], c.get("enable")) for c in calls] == [
@@ -185,7 +186,7 @@ def test_retrain_on_two_gpus_uses_memory_growth_and_exports_float32(tmp_path, ph
 @pytest.mark.slow
 def test_cli_train_configures_once_through_the_double(tmp_path, phantom_root):
     args = ["-m", "boneage", "train", "--out", "run"]
-    for override in tiny_overrides(phantom_root) + ["train.mixed_precision=false"]:
+    for override in tiny_overrides(phantom_root) + [f"model.frozen_layers={HEAD_ONLY}", "train.mixed_precision=false"]:
         args += ["--set", override]
     proc, calls = run_with_fake_gpus(tmp_path, args, gpus=1, visible=None)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,6 +14,7 @@ import yaml
 
 from boneage.config import save_config
 from boneage.errors import EXIT_BAD_INPUT, InputError
+from tests.conftest import HEAD_ONLY
 from tuning import curves as tc
 from tuning.config import load_search_config
 from tuning.lab import main as lab_main
@@ -138,7 +139,8 @@ def test_a_real_recording_resumes(tmp_path, phantom_root):
     """The real trial code under Ray: 1 trial of 1 epoch at 71 px (about 60-200 s on a loaded 2-core
     machine: Ray's start, the worker's TensorFlow import). The recipe's row is there already."""
     config = {"data": {"source": "rsna", "root": str(phantom_root), "val_fraction": 0.25, "test_fraction": 0.2},
-              "model": {"image_size": 71, "weights": "none"}, "train": {"epochs": 1, "batch_size": 16},
+              "model": {"image_size": 71, "weights": "none", "frozen_layers": HEAD_ONLY},
+              "train": {"epochs": 1, "batch_size": 16},
               "tune": {"storage_path": str(tmp_path / "experiments"), "resources": {"cpu": 1, "gpu": 0},
                        "space": {"learning_rate": {"loguniform": [1e-4, 1e-2]}}}}
     (tmp_path / "rec.yaml").write_text(yaml.safe_dump(config))

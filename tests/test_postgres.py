@@ -10,6 +10,7 @@ process) every epoch's checkpoint (~250 MB with Adam's state) made a 71 px trial
 
     python -m pytest -q tests/test_postgres.py
 """
+import json
 import os
 import shutil
 import signal
@@ -22,10 +23,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.conftest import HEAD_ONLY
 from tests.postgres import postgres  # noqa: F401  (the fixture)
 from tests.test_search import search_config
 
 RATES = [1.0e-3, 5.0e-4, 2.0e-3]
+
+
+def _finished_trial_results(experiment: Path, epochs: int) -> dict:
+    done = {}
+    for result in experiment.glob("run_trial_*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if lines and lines[-1].get("epoch") == epochs:
+            done[result] = result.stat().st_mtime_ns
+    return done
 
 
 def head(tmp_path, name: str, postgres, ray_tmp: str) -> dict:
@@ -52,7 +63,7 @@ def test_a_search_with_its_study_in_postgresql_resumes_on_a_new_head(tmp_path, p
     from sqlalchemy.engine import make_url
 
     config = search_config(tmp_path, phantom_root, RATES, epochs=1, grace_period=1, max_concurrent_trials=2,
-                           retrain=False, ensemble_top_k=1, gallery_size=0, optuna_storage=postgres.url)
+                           frozen_layers=HEAD_ONLY, optuna_storage=postgres.url)
     assert postgres.password not in config.read_text()
     experiment = tmp_path / "experiments" / "pg"
     ray_tmp = tempfile.mkdtemp(prefix="ray-pg-")  # short: Ray's socket paths live in it
@@ -80,12 +91,19 @@ def test_a_search_with_its_study_in_postgresql_resumes_on_a_new_head(tmp_path, p
         assert most_running == 2, states  # two trials at once, both in the server's study
         cut_off = [t for t in optuna.load_study(study_name="pg", storage=storage).trials if t.state.name == "RUNNING"]
         assert cut_off, "no trial was left running by the interrupt"
+        before = _finished_trial_results(experiment, 1)
+        assert 1 <= len(before) < len(RATES)
+        assert not (experiment / "trials.csv").exists()  # the interrupted search did not reach its end
 
         # a new head: another HOME, nothing of the first head's left, the same server and storage
         shutil.rmtree(tmp_path / "head1")
         second = search(config, head(tmp_path, "head2", postgres, ray_tmp), "--resume")
         out2, _ = second.communicate(timeout=600)
         assert second.returncode == 0, out2[-4000:]
+        after = _finished_trial_results(experiment, 1)
+        for path, mtime in before.items():  # finished trials were not run again
+            assert after[path] == mtime, f"{path} was run again"
+        assert out2.count("retraining the best config") == 1 and (experiment / "model" / "model.keras").exists()
 
         trials = pd.read_csv(experiment / "trials.csv")
         assert len(trials) == len(RATES) and (trials["status"] == "completed").all()

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.conftest import HEAD_ONLY
 from tests.test_gpu_setup import A10G_MIB, GPU_DOUBLE, REPO, TWO_A10G
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,7 @@ def gpu_cluster(tmp_path_factory):
 def write_config(tmp_path, phantom_root, **tune) -> Path:
     cfg = {
         "data": {"source": "rsna", "root": str(phantom_root), "val_fraction": 0.25, "test_fraction": 0.2},
-        "model": {"image_size": 71, "weights": "none"},
+        "model": {"image_size": 71, "weights": "none", "frozen_layers": HEAD_ONLY},
         "train": {"epochs": 1, "batch_size": 16, "early_stopping_patience": 0, "mixed_precision": False},
         "tune": {"storage_path": str(tmp_path / "experiments"), "num_samples": len(RATES),
                  "max_concurrent_trials": 8, "n_startup_trials": 1, "resources": {"cpu": 1, "gpu": 0.5},

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import HEAD_ONLY, tiny_overrides
 
 keras = pytest.importorskip("keras")
 
@@ -104,7 +104,7 @@ def newest_checkpoint(folder: Path):
 def test_a_killed_retrain_continues_from_its_checkpoint(tmp_path, phantom_root):
     epochs = 3
     args = tiny_overrides(phantom_root) + [
-        f"train.epochs={epochs}", "train.schedule=cosine", "data.val_fraction=0.25",
+        f"model.frozen_layers={HEAD_ONLY}", f"train.epochs={epochs}", "train.schedule=cosine", "data.val_fraction=0.25",
         f"tune.storage_path={tmp_path}", "tune.gallery_size=0", "tune.ensemble_top_k=1", "intervals.coverage=0.8"]
     command = [sys.executable, "-c", RETRAIN, *args]
     experiment = tmp_path / "retrain"

@@ -1,14 +1,12 @@
 """Train -> evaluate -> export -> predict round trip on a small phantom set, and on real radiographs."""
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import SAMPLE_DATA, needs_sample, tiny_overrides
+from tests.conftest import HEAD_ONLY, SAMPLE_DATA, needs_sample, tiny_overrides
 
 tf = pytest.importorskip("tensorflow")
 
@@ -73,27 +71,32 @@ def test_saved_model_signature_takes_png_bytes(trained_run):
     np.testing.assert_allclose(served, expected, atol=0.5)
 
 
-def test_predict_cli_and_bad_image(trained_run, tmp_path):
+def test_predict_cli_and_bad_image(trained_run, tmp_path, capsys):
+    """The CLI's own entry point, in this process (a subprocess would spend ~10 s of CPU importing
+    TensorFlow again to run the same code)."""
+    from boneage.cli import main
+
     out, _, _ = trained_run
     frame = _with_paths(out, pd.read_csv(out / "test_predictions.csv"))
     path = frame["path"][0]
-    proc = subprocess.run([sys.executable, "-m", "boneage", "predict", str(out / "export"), path,
-                           "--sex", "M" if frame["male"][0] else "F", "--format", "json"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    row = json.loads(proc.stdout)[0]
+    capsys.readouterr()
+    status = main(["predict", str(out / "export"), path, "--sex", "M" if frame["male"][0] else "F",
+                   "--format", "json"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    row = json.loads(captured.out)[0]
     assert abs(row["months"] - frame["predicted"][0]) < 0.5 and abs(row["years"] - row["months"] / 12) < 0.01
     assert row["lower_months"] <= row["months"] <= row["upper_months"]
     assert re.fullmatch(r"\d+\.\d years \(90% interval \d+\.\d-\d+\.\d\)", row["estimate"]), row
     broken = tmp_path / "broken.png"
     broken.write_bytes(open(path, "rb").read()[:200])
-    proc = subprocess.run([sys.executable, "-m", "boneage", "predict", str(out / "export"), str(broken), "--sex", "F"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "broken.png" in proc.stderr and "Traceback" not in proc.stderr
+    status = main(["predict", str(out / "export"), str(broken), "--sex", "F"])
+    stderr = capsys.readouterr().err
+    assert status == 2 and "broken.png" in stderr and "Traceback" not in stderr
 
 
 @needs_sample
-def test_train_export_predict_on_real_radiographs(tmp_path, sample_root):
+def test_train_export_predict_on_real_radiographs(tmp_path, sample_root, capsys):
     """Real 1600x2080 PNGs (3 palette): train, export, then the serving signature on the PNG
     bytes agrees with the model on the pipeline-prepared image, and predict --csv scores the
     labelled test set."""
@@ -102,7 +105,8 @@ def test_train_export_predict_on_real_radiographs(tmp_path, sample_root):
     from boneage.train import run
 
     out = tmp_path / "real"
-    cfg = load_config(None, tiny_overrides(sample_root) + ["data.max_images=24", f"data.test_root={sample_root}"])
+    cfg = load_config(None, tiny_overrides(sample_root) + [f"model.frozen_layers={HEAD_ONLY}", "data.max_images=24",
+                                                           f"data.test_root={sample_root}"])
     results = run(cfg, out, report=lambda m: None)
     assert results["external_test"]["n"] == 20
     from boneage import data
@@ -112,14 +116,16 @@ def test_train_export_predict_on_real_radiographs(tmp_path, sample_root):
     served = serve(out / "export", test["path"], test["male"].astype(float))
     expected = predict_table(load_exported(out / "export"), test)
     assert np.abs(served - expected).max() < 0.5
+    from boneage.cli import main
+
     predictions = tmp_path / "predictions.csv"
-    proc = subprocess.run([sys.executable, "-m", "boneage", "predict", str(out / "export"),
-                           "--csv", str(sample_root / "boneage-test-dataset.csv"),
-                           "--images", str(data.find_image_dir(sample_root, "test")),
-                           "--labels", str(sample_root / "boneage-test-labels.csv"), "--out", str(predictions)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    capsys.readouterr()
+    status = main(["predict", str(out / "export"), "--csv", str(sample_root / "boneage-test-dataset.csv"),
+                   "--images", str(data.find_image_dir(sample_root, "test")),
+                   "--labels", str(sample_root / "boneage-test-labels.csv"), "--out", str(predictions)])
+    stderr = capsys.readouterr().err
+    assert status == 0, stderr
     written = pd.read_csv(predictions)
     assert list(written.columns) == ["Case ID", "Sex", "boneage"] and len(written) == 20
     np.testing.assert_allclose(written["boneage"], expected, atol=0.5)
-    assert "MAE" in proc.stderr
+    assert "MAE" in stderr
