@@ -6,7 +6,7 @@ Checks: trials ran on both workers (Ray node ids in trials.csv), half-GPU trials
 a node, the trial on the lost node went on from its checkpoint on the other node (its epochs
 continue, never restart), the search finished with every trial accounted for, and every output
 (study, report, retrained model) is in the storage; `--retrain-only` then works from the
-storage alone, as on a fresh head."""
+storage alone, as on a fresh head, rewriting the test metrics and leaving trials.csv as it was."""
 import json
 import os
 import shutil
@@ -69,6 +69,10 @@ def s3_files(prefix: str) -> list[str]:
 
     infos = s3_fs().get_file_info(pyarrow.fs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
     return [i.path[len(BUCKET) + len(prefix) + 2:] for i in infos if i.type == pyarrow.fs.FileType.File]
+
+
+def s3_mtime(path: str):
+    return s3_fs().get_file_info(f"{BUCKET}/{path}").mtime
 
 
 def s3_read(path: str) -> str:
@@ -164,10 +168,17 @@ def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_
     summary = json.loads(s3_read(f"{experiment}/summary.json"))
     assert summary["storage"] == f"s3://{BUCKET}/{experiment}"
 
-    # a fresh head: nothing local, everything from the storage
+    # a fresh head: nothing local, everything from the storage; --retrain-only redoes the last
+    # step alone (the test metrics written anew, trials.csv as it was), and refuses what is not
+    # an experiment with status 2
+    trials_before, metrics_before = s3_read(f"{experiment}/trials.csv"), s3_mtime(f"{experiment}/test_metrics.json")
     shutil.rmtree(Path.home() / "boneage-experiments" / name)
     again = subprocess.run([sys.executable, "-m", "tuning.search", "--retrain-only", f"s3://{BUCKET}/{experiment}",
                             "--address", cluster.address], capture_output=True, text=True, timeout=900,
                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads(s3_read(f"{experiment}/summary.json"))["best"] == summary["best"]
+    assert s3_mtime(f"{experiment}/test_metrics.json") > metrics_before
+    assert s3_read(f"{experiment}/trials.csv") == trials_before
+    from tuning.search import main
+    assert main(["--retrain-only", f"s3://{BUCKET}/experiments/nope"]) == 2

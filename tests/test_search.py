@@ -1,7 +1,8 @@
 """The tuning system end to end: a real Ray Tune search with OptunaSearch and ASHA on a tiny
 phantom set (one search, shared by the tests that inspect it, run from prepared images whose
-PNGs are then gone or garbage), then an interrupted search resumed without re-running its
-finished trials. Each search runs as the real CLI would."""
+PNGs are then gone or garbage). Each search runs as the real CLI would. An interrupted search
+resumed without re-running its finished trials is in tests/test_postgres.py (on a new head),
+`--retrain-only` in tests/test_multinode.py (from s3:// storage alone)."""
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from tests.browser import assert_rendered_page, dump_dom, images_loaded, screenshot, table_column
-from tests.conftest import HEAD_ONLY, needs_sample
+from tests.conftest import needs_sample
 from tests.test_study_truth import assert_study_agrees
 
 pytestmark = pytest.mark.slow
@@ -273,14 +274,3 @@ def test_optuna_dashboard_serves_the_study(finished_search):
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-def test_retrain_only_redoes_the_last_step(finished_search):
-    experiment, _ = finished_search
-    before = (experiment / "test_metrics.json").stat().st_mtime_ns
-    trials_before = pd.read_csv(experiment / "trials.csv")
-    proc = run_search("--retrain-only", str(experiment))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (experiment / "test_metrics.json").stat().st_mtime_ns > before
-    pd.testing.assert_frame_equal(pd.read_csv(experiment / "trials.csv"), trials_before)
-    assert run_search("--retrain-only", str(experiment / "nope")).returncode == 2
