@@ -19,6 +19,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.conftest import HEAD_ONLY
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).parent.parent
 BUCKET = "boneage-test"
@@ -105,7 +107,7 @@ def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump({
         "data": {"source": "rsna", "root": str(phantom_root), "val_fraction": 0.25, "test_fraction": 0.2},
-        "model": {"image_size": 71, "weights": "none"},
+        "model": {"image_size": 71, "weights": "none", "frozen_layers": HEAD_ONLY},
         "train": {"epochs": EPOCHS, "batch_size": 16, "early_stopping_patience": 0, "schedule": "cosine"},
         "tune": {"storage_path": f"s3://{BUCKET}/experiments", "num_samples": len(RATES),
                  "max_concurrent_trials": 0, "n_startup_trials": 1, "grace_period": EPOCHS, "max_failures": 2,
