@@ -54,11 +54,13 @@ def search(config, env, *args) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_a_search_with_its_study_in_postgresql_resumes_on_a_new_head(tmp_path, phantom_root, postgres, monkeypatch):
-    """Costs two rounds of two one-epoch trials at 71 px at once (before and after the
-    interrupt) and two Ray starts, no retrain: 364 s and 527 s measured on 2 cores shared with a
-    whole test run (load 6-8, one trial 110-210 s), plus the server's start (5 s, once per
-    session). It cannot share `finished_search` (tests/test_search.py): that study is SQLite in
-    the experiment, and this one must be interrupted and resumed on another head."""
+    """Also the suite's test of an interrupted search resumed without re-running its finished
+    trials (it was tests/test_search.py's own search until issue 14 folded the two into one).
+    Costs two rounds of two one-epoch trials at 71 px, head-only (tests/conftest.py's HEAD_ONLY),
+    two Ray starts and a small retrain (no ensemble, no gallery), plus the server's start (5 s,
+    once per session); see tests/README.md for its measured time. It cannot share
+    `finished_search` (tests/test_search.py): that study is SQLite in the experiment, and this one
+    must be interrupted and resumed on another head."""
     import optuna
     from sqlalchemy.engine import make_url
 
