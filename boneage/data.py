@@ -63,21 +63,35 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _BROKEN_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 
-def find_image_dir(root, part: str) -> Path:
-    """The folder holding <part>'s `{id}.png` files: nested (Kaggle's archive) or flat."""
+def find_image_dir(root, part: str, cached=()) -> Path:
+    """The folder holding <part>'s `{id}.png` files: nested (Kaggle's archive) or flat, the one
+    with PNGs first, then one in `cached` (folders whose images a prepared cache holds, see
+    boneage.prepare.cached_folders: a node that kept only its cache), then an empty one."""
     if part not in ("training", "test"):
         raise InputError(f"unknown data part {part!r}: expected 'training' or 'test'")
     root = Path(root).absolute()
     flat = root / f"boneage-{part}-dataset"
     nested = flat / flat.name
     existing = [d for d in (nested, flat) if d.is_dir()]
-    if not existing:
-        raise InputError(f"{root}: no image folder {flat.name}/ (nor {flat.name}/{flat.name}/)")
     for folder in existing:
         with os.scandir(folder) as entries:
             if any(e.name.lower().endswith(".png") for e in entries):
                 return folder
+    cached = {str(Path(c)) for c in cached}
+    for folder in (nested, flat):
+        if str(folder) in cached:
+            return folder
+    if not existing:
+        raise InputError(f"{root}: no image folder {flat.name}/ (nor {flat.name}/{flat.name}/)")
     return existing[0]  # holds no PNGs: the image checks will list every missing file
+
+
+def image_problems(paths, check_images: bool = True, trusted=frozenset(), report=None) -> dict:
+    """{path: (reason, note)} for the bad ones of `paths`, checked as load_table checks them
+    (check_images=False: existence and size only; paths in `trusted` are not looked at)."""
+    unchecked = [str(p) for p in paths if str(p) not in trusted]
+    results = _check_images(unchecked, check_images, report or (lambda m: None)) if unchecked else []
+    return {p: r for p, r in zip(unchecked, results) if r}
 
 
 class _Problems:
@@ -287,21 +301,22 @@ def _check_images(paths, full, report) -> list:
 
 
 def load_table(root, part: str = "training", labels_csv=None, drop_invalid: bool = False,
-               check_images: bool = True, report=print, trusted=frozenset()) -> pd.DataFrame:
+               check_images: bool = True, report=print, trusted=frozenset(), cached=()) -> pd.DataFrame:
     """The checked table of one part ("training" or "test") as a frame with IMAGE_COLUMNS.
 
     Raises one InputError listing every problem, or with drop_invalid drops the bad rows and
     reports how many and why. check_images=False only checks that each image exists and is not
     empty (for when a cache says the files were checked before); None checks the CSV alone (a
     cluster's head, when the images are staged on the workers, which check them themselves).
-    Images in `trusted` (held by a prepared cache, see boneage.prepare) are not looked at at all.
+    Images in `trusted` (held by a prepared cache, see boneage.prepare) are not looked at at all,
+    and `cached` names the folders such a cache holds (find_image_dir).
     For the test part, labels_csv
     defaults to <root>/boneage-test-labels.csv if it exists; without labels boneage is NaN.
     """
     root = Path(root).absolute()
     if not root.is_dir():
         raise InputError(f"data root {root} is not a folder")
-    image_dir = find_image_dir(root, part) if check_images is not None else root / f"boneage-{part}-dataset"
+    image_dir = find_image_dir(root, part, cached) if check_images is not None else root / f"boneage-{part}-dataset"
     if part == "test" and labels_csv is None and (root / "boneage-test-labels.csv").is_file():
         labels_csv = root / "boneage-test-labels.csv"
     return _load(root / f"boneage-{part}-dataset.csv", image_dir, part, labels_csv,

@@ -20,8 +20,9 @@ own disk) holds, per image folder and resolution, under a key that also covers t
 
 A cache is used for a table when it holds every image of the table and every image still on
 disk has the size and modification time it had when prepared (a missing image is served from
-the cache: after `prepare` the PNGs may go). Anything else rebuilds it, into temporary names
-renamed into place, so a reader never sees half a cache.
+the cache: after `prepare` the PNGs, even their folder, may go; `cached_folders` still finds
+the folder, `trusted_images` the images and their sizes). Anything else rebuilds it, into
+temporary names renamed into place, so a reader never sees half a cache.
 """
 from __future__ import annotations
 
@@ -290,21 +291,32 @@ class Progress:
         self.report(f"  {message} in {time.time() - self.started:.1f} s")
 
 
-def trusted_images(folder, image_dir) -> set:
-    """Paths of the images in `image_dir` that a usable cache in `folder` holds (at any
+def _current_manifests(folder: Path):
+    """The manifests in `folder` of today's decoding whose data file is there."""
+    for manifest_path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        manifest = _read_manifest(manifest_path)
+        if manifest and manifest.get("decode_version") == _decode_version() \
+                and (folder / manifest.get("data_file", "")).is_file():
+            yield manifest
+
+
+def trusted_images(folder, image_dir) -> dict:
+    """{path: bytes} of the images in `image_dir` that a usable cache in `folder` holds (at any
     resolution): the data check need not open them, and they may be gone from disk."""
     folder, image_dir = Path(folder), str(image_dir)
-    trusted = set()
-    for manifest_path in folder.glob("*.json") if folder.is_dir() else ():
-        manifest = _read_manifest(manifest_path)
-        if not manifest or manifest.get("decode_version") != _decode_version() \
-                or not (folder / manifest.get("data_file", "")).is_file():
-            continue
+    trusted = {}
+    for manifest in _current_manifests(folder):
         for path, size, mtime in manifest.get("images", []):
             if os.path.dirname(path) == image_dir and path not in trusted \
                     and _stat(path) in (None, (size, mtime)):
-                trusted.add(path)
+                trusted[path] = size
     return trusted
+
+
+def cached_folders(folder) -> set:
+    """The image folders whose images a usable cache in `folder` holds: a node that kept only
+    its prepared cache still has them (see boneage.data.find_image_dir)."""
+    return {os.path.dirname(path) for m in _current_manifests(Path(folder)) for path, _, _ in m.get("images", [])}
 
 
 def prune(folder) -> int:

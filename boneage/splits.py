@@ -7,6 +7,11 @@ For `source: phantom` the dataset is generated at `data.root` on first use (see
 `boneage.phantom`), so a fresh machine with no network runs the demo. `max_images` takes a
 seeded subsample before splitting, for quick runs. When the data is too small for 5 age bins x
 sex, the split uses fewer bins, sex only, or no strata, and says so through `report`.
+
+On a cluster the splits travel from the driver to each node, which reads them with its own
+paths (`here`: Kaggle's flat or nested folder, or only the prepared cache) and checks its
+images against them (`check_here`); `fingerprint` covers ids, labels and image sizes in bytes,
+never node-local paths or mtimes.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from sklearn.model_selection import train_test_split
 
 from boneage import data
 from boneage.config import DataConfig, write_atomic
-from boneage.errors import InputError
+from boneage.errors import InputError, summarize
 
 
 @dataclass
@@ -31,7 +36,7 @@ class Splits:
     train: pd.DataFrame
     val: pd.DataFrame
     test: pd.DataFrame
-    fingerprint: str  # of the images and labels ("" when the images were not checked here)
+    fingerprint: str  # of ids, labels and image sizes ("" when no node holding the images checked them)
     root: str
     labels_fingerprint: str = ""  # of the labels alone
 
@@ -62,28 +67,117 @@ def resolve_root(cfg: DataConfig, report=print) -> Path:
     return root
 
 
-def load_dataset(cfg: DataConfig, report=print, images: bool = True) -> tuple[Path, pd.DataFrame]:
-    """(root, the checked table to split), subsampled to `max_images`. images=False reads and
-    checks the labels alone (the images are elsewhere, and checked there)."""
-    root = resolve_root(cfg, report)
-    trusted = set()
-    if images and cfg.cache == "prepared":  # images already prepared were checked then, and may be gone since
-        from boneage.prepare import prepared_dir, trusted_images
+def _cached_folders(cfg: DataConfig) -> set:
+    if cfg.cache != "prepared":
+        return set()
+    from boneage.prepare import cached_folders, prepared_dir
 
-        trusted = trusted_images(prepared_dir(cfg), data.find_image_dir(root, "training"))
+    return cached_folders(prepared_dir(cfg))
+
+
+def _trusted(cfg: DataConfig, image_dir) -> dict:
+    """{path: bytes} of the images in image_dir that this node's prepared cache holds."""
+    if cfg.cache != "prepared":
+        return {}
+    from boneage.prepare import prepared_dir, trusted_images
+
+    return trusted_images(prepared_dir(cfg), image_dir)
+
+
+def image_dir_here(cfg: DataConfig, root=None) -> Path:
+    """This node's training image folder under data.root: flat, nested, or (cache: prepared) the
+    one whose images only the prepared cache still holds. Paths are resolved on the node that
+    reads them: a cluster's nodes may each hold Kaggle's layout their own way."""
+    root = Path(root) if root is not None else resolve_root(cfg, report=lambda m: None)
+    return data.find_image_dir(root, "training", _cached_folders(cfg))
+
+
+def read_table(cfg: DataConfig, report=print, images: bool = True) -> tuple[Path, pd.DataFrame]:
+    """(root, every checked row). images=False reads and checks the labels alone (the images
+    are elsewhere, and checked there)."""
+    root = resolve_root(cfg, report)
+    trusted, cached = {}, set()
+    if images:  # images already prepared were checked then, and may be gone since
+        cached = _cached_folders(cfg)
+        trusted = _trusted(cfg, data.find_image_dir(root, "training", cached))
     table = data.load_table(root, "training", drop_invalid=cfg.drop_invalid,
                             check_images=cfg.check_images if images else None, report=report,
-                            trusted=trusted)
-    if cfg.max_images and cfg.max_images < len(table):
-        table = table.sample(n=cfg.max_images, random_state=cfg.split_seed).reset_index(drop=True)
+                            trusted=trusted, cached=cached)
     return root, table
 
 
+def _subsample(cfg: DataConfig, table):
+    if cfg.max_images and cfg.max_images < len(table):
+        return table.sample(n=cfg.max_images, random_state=cfg.split_seed).reset_index(drop=True)
+    return table
+
+
 def load_splits(cfg: DataConfig, report=print, images: bool = True) -> Splits:
-    root, table = load_dataset(cfg, report, images)
+    root, table = read_table(cfg, report, images)
+    return make_splits(cfg, root, table, image_sizes(table, cfg) if images else None, report)
+
+
+def make_splits(cfg: DataConfig, root, table, sizes=None, report=print) -> Splits:
+    """Splits of the checked `table`, subsampled to `max_images`. `sizes` ({id: bytes} of the
+    images, from the node that checked them) makes the fingerprint; None leaves it ""."""
+    table = _subsample(cfg, table)
     train, val, test = split_table(table, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
                                    report=report)
-    return Splits(train, val, test, fingerprint(table) if images else "", str(root), labels_fingerprint(table))
+    return Splits(train, val, test, fingerprint(table, sizes) if sizes is not None else "", str(root),
+                  labels_fingerprint(table))
+
+
+def here(splits: Splits, cfg: DataConfig) -> Splits:
+    """The same splits with the paths of this node's images (see image_dir_here)."""
+    root = resolve_root(cfg, report=lambda m: None)
+    image_dir = image_dir_here(cfg, root)
+    parts = [_with_paths(f, image_dir) for f in (splits.train, splits.val, splits.test)]
+    return Splits(*parts, splits.fingerprint, str(root), splits.labels_fingerprint)
+
+
+def _with_paths(frame, image_dir: Path):
+    frame = frame.copy()
+    frame["path"] = pd.Series([str(image_dir / f"{i}.png") for i in frame["id"]], index=frame.index, dtype=str)
+    return frame
+
+
+def image_sizes(frame, cfg: DataConfig) -> dict:
+    """{id: bytes} of each row's image: from the file, or from the prepared cache holding it
+    when the file is gone (the same bytes were prepared). Rows with neither are left out."""
+    trusted = {}
+    for folder in {os.path.dirname(p) for p in frame["path"].astype(str)}:
+        trusted.update(_trusted(cfg, folder))
+    sizes = {}
+    for id_, path in zip(frame["id"].astype(str), frame["path"].astype(str)):
+        try:
+            sizes[id_] = os.path.getsize(path)
+        except FileNotFoundError:
+            if path in trusted:
+                sizes[id_] = trusted[path]
+    return sizes
+
+
+def check_here(frame, cfg: DataConfig, drop_invalid: bool = False, report=print) -> tuple:
+    """(the rows of `frame` whose images this node holds and that pass data.check_images, with
+    this node's paths; {id: bytes} of their images). `frame` carries the ids and labels (the
+    driver's); a bad image raises one InputError naming them, or with drop_invalid is dropped
+    and reported."""
+    image_dir = image_dir_here(cfg)
+    table = _with_paths(frame.reset_index(drop=True), image_dir)
+    bad = data.image_problems(table["path"], cfg.check_images, _trusted(cfg, image_dir), report)
+    if bad:
+        reasons = Counter(why for why, _ in bad.values())
+        listing = "; ".join(f"{why} ({n} file{'s' if n > 1 else ''}): "
+                            + summarize(f"{Path(p).name} {note}".rstrip() for p, (w, note) in bad.items() if w == why)
+                            for why, n in reasons.items())
+        what = f"{image_dir}: {len(bad)} of {len(table)} images cannot be used here: {listing}"
+        if not drop_invalid:
+            raise InputError(f"{what}\nFix them or set data.drop_invalid: true to skip them.")
+        report(f"{what}; dropped, {len(table) - len(bad)} left.")
+        table = table[~table["path"].isin(bad.keys())].reset_index(drop=True)
+        if table.empty:
+            raise InputError(f"{image_dir}: no usable images left")
+    return table, image_sizes(table, cfg)
 
 
 def load_external_test(cfg: DataConfig, report=print) -> pd.DataFrame | None:
@@ -186,12 +280,19 @@ def split_table(frame, val_fraction: float, test_fraction: float, seed: int,
     return train, val, test
 
 
-def fingerprint(frame) -> str:
-    """sha256 hex[:16] of the sorted (id, boneage, male, image file size) rows."""
+def fingerprint(frame, sizes=None) -> str:
+    """sha256 hex[:16] of the sorted (id, boneage, male, image size in bytes) rows: what a trial
+    trains on, equal on every node holding the same images however it holds them. `sizes` is
+    {id: bytes} (image_sizes: a node that kept only its prepared cache); default: the files'."""
     digest = hashlib.sha256()
     for id_, age, male, path in sorted(zip(frame["id"].astype(str), frame["boneage"],
                                            frame["male"], frame["path"]), key=lambda r: r[0]):
-        size = os.path.getsize(path) if os.path.exists(path) else -1
+        if sizes is not None and id_ in sizes:
+            size = sizes[id_]
+        elif sizes is None and os.path.exists(path):
+            size = os.path.getsize(path)
+        else:
+            raise InputError(f"{path}: image not found (nor in a prepared cache), so it cannot be fingerprinted")
         digest.update(f"{id_},{float(age)!r},{bool(male)},{size}\n".encode())
     return digest.hexdigest()[:16]
 

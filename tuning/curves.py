@@ -193,8 +193,7 @@ def record(cfg, out, n: int, seeds: int = 1, recipe_seeds: int = 5, design_seed:
     cfg, exp, splits, _ = prepare(cfg, name, None, False)
     prepare_on_every_node(cfg, splits)
     exp.local_dir.mkdir(parents=True, exist_ok=True)
-    expected = NodeExpectations(exp.uri, exp.mark_storage(), splits.fingerprint, splits.labels_fingerprint,
-                                code_version())
+    expected = NodeExpectations(exp.uri, exp.mark_storage(), splits.fingerprint, code_version())
     recorder = Recorder(out, table, len(todo), cfg.train.epochs)
     trainable = tune.with_resources(
         tune.with_parameters(recorded_trial, base=dataclasses.asdict(cfg), splits=splits, expected=expected),

@@ -1,14 +1,16 @@
 """Before a node runs its first trial of an experiment: does it have what the driver has?
 
-    expected = NodeExpectations.of(cfg, exp, token, fingerprint)   # on the driver
-    check_node(expected, cfg)                                      # first thing in every trial
+    expected = NodeExpectations.of(cfg, exp, token, splits.fingerprint)   # on the driver
+    check_node(expected, cfg, splits)                                    # first thing in every trial
 
 Autoscaled nodes join during a search, so this cannot be a one-off at the start: the first
-trial of an experiment on each node checks that the node sees the experiment's storage, holds
-the same images under `data.root` (the dataset fingerprint of the driver's split; the images
-themselves are opened and verified here, so a head that holds only the label CSV is enough),
-has the weights file, and runs the driver's code. It leaves a marker in the node's cache, under a
-file lock, so trials that start together on one node check once. A mismatch raises
+trial of an experiment on each node checks that the node sees the experiment's storage, has
+the weights file, runs the driver's code, and holds what the trial will train on: every image
+of the driver's splits under `data.root` (flat, nested or only in the prepared cache, see
+`boneage.splits.here`), passing the data checks here, with the sizes the search's fingerprint
+says (of ids, labels and image sizes, from the driver, or for a head that holds only the label
+CSV from the node that checked them: `tuning.prepare.splits_from_a_node`). It leaves a marker
+in the node's cache, under a file lock, so trials that start together on one node check once. A mismatch raises
 NodeCheckFailed naming the node; the driver's `NodeCheckWatch` then stops the search with that
 message (exit status 2) instead of letting every trial fail the same way.
 """
@@ -36,13 +38,12 @@ class NodeCheckFailed(RuntimeError):
 class NodeExpectations:
     experiment: str  # the storage URI of the experiment
     storage_token: str  # written by the driver into the storage
-    fingerprint: str  # of the driver's full table; "" = not known on the driver
-    labels_fingerprint: str  # of the labels alone, when the driver has no images
+    fingerprint: str  # of the splits (boneage.splits.fingerprint); "" = no node checked the images
     code_version: str
 
     @classmethod
-    def of(cls, cfg, exp, token: str, fingerprint: str, labels_fingerprint: str) -> "NodeExpectations":
-        return cls(exp.uri, token, fingerprint, labels_fingerprint, code_version())
+    def of(cls, cfg, exp, token: str, fingerprint: str) -> "NodeExpectations":
+        return cls(exp.uri, token, fingerprint, code_version())
 
 
 def code_version() -> str:
@@ -65,7 +66,7 @@ def node_label() -> str:
     return f"node {ray.get_runtime_context().get_node_id()[:12]} ({socket.gethostname()})"
 
 
-def check_node(expected: NodeExpectations, cfg) -> None:
+def check_node(expected: NodeExpectations, cfg, splits) -> None:
     """Check this node once per experiment run; NodeCheckFailed if it cannot run trials."""
     key = hashlib.sha256(f"{expected.experiment}\0{expected.storage_token}".encode()).hexdigest()[:16]
     folder = NODE_CACHE.expanduser()
@@ -75,7 +76,7 @@ def check_node(expected: NodeExpectations, cfg) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)  # trials starting together on this node check once
         if done.is_file():
             return
-        problems = _problems(expected, cfg)
+        problems = _problems(expected, cfg, splits)
         if problems:
             raise NodeCheckFailed(f"{MARK}: {node_label()}: " + "; ".join(problems))
         tmp = done.with_suffix(".tmp")
@@ -83,9 +84,7 @@ def check_node(expected: NodeExpectations, cfg) -> None:
         os.replace(tmp, done)
 
 
-def _problems(expected: NodeExpectations, cfg) -> list[str]:
-    from boneage.errors import InputError
-    from boneage.splits import fingerprint, labels_fingerprint, load_dataset
+def _problems(expected: NodeExpectations, cfg, splits) -> list[str]:
     from tuning.experiment import Experiment
 
     problems = []
@@ -97,17 +96,24 @@ def _problems(expected: NodeExpectations, cfg) -> list[str]:
     weights = cfg.model.weights
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         problems.append(f"model.weights: no file {weights}")
+    return problems + data_problems(expected.fingerprint, cfg, splits)
+
+
+def data_problems(expected_fingerprint: str, cfg, splits) -> list[str]:
+    """Whether this node holds what the trial trains on: every image of `splits` (the driver's
+    ids and labels) usable here, with the bytes of `expected_fingerprint` ("" = not known)."""
+    from boneage.errors import InputError
+    from boneage.splits import check_here, fingerprint
+
     try:
-        _, table = load_dataset(cfg.data, report=lambda m: None)
+        table, sizes = check_here(splits.all(), cfg.data, report=lambda m: None)
     except InputError as err:
-        problems.append(f"data.root {cfg.data.root}: {str(err).splitlines()[0]}")
-        return problems
-    if expected.fingerprint and fingerprint(table) != expected.fingerprint:
-        problems.append(f"data.root {cfg.data.root} holds other images than the driver's "
-                        f"(fingerprint {fingerprint(table)}, driver {expected.fingerprint})")
-    elif labels_fingerprint(table) != expected.labels_fingerprint:
-        problems.append(f"data.root {cfg.data.root} holds other labels than the driver's")
-    return problems
+        return [f"data.root {cfg.data.root}: {str(err).splitlines()[0]}"]
+    found = fingerprint(table, sizes)
+    if expected_fingerprint and found != expected_fingerprint:
+        return [f"data.root {cfg.data.root} holds other images than the search's "
+                f"(fingerprint {found}, search {expected_fingerprint})"]
+    return []
 
 
 class NodeCheckWatch(tune.Callback, tune.Stopper):

@@ -114,9 +114,11 @@ def retrain_best(cfg_dict: dict, splits, exp, checkpoints=()) -> dict:
     [(trial_id, Checkpoint)] of the next-best trials, the ensemble's other members."""
     import ray
 
+    from boneage.splits import here
     from tuning.trainable import setup_process
 
     cfg = from_dict(SearchConfig, cfg_dict)
+    splits = here(splits, cfg.data)  # the driver's splits, with this node's image paths
     context = ray.get_runtime_context()
     assigned = context.get_assigned_resources()
     gpu_ids = context.get_accelerator_ids().get("GPU", [])
@@ -312,9 +314,13 @@ def retrain_only(location: str, address: str | None = None) -> dict:
         raise InputError(f"--retrain-only: {location} is not an experiment (no {SEARCH_CONFIG})")
     exp.fetch(STUDY_DB)
     cfg = load_search_config(exp.local_dir / SEARCH_CONFIG)
-    splits = load_splits(cfg.data, images=images_here(cfg, address))
+    here = images_here(cfg, address)
+    splits = load_splits(cfg.data) if here else None
     start_ray(address)
-    expected = NodeExpectations(exp.uri, exp.mark_storage(), splits.fingerprint, splits.labels_fingerprint,
-                                code_version())
+    if splits is None:  # the search's splits, decided the same way (tuning.prepare)
+        from tuning.prepare import splits_from_a_node
+
+        splits = splits_from_a_node(cfg)
+    expected = NodeExpectations(exp.uri, exp.mark_storage(), splits.fingerprint, code_version())
     results = make_tuner(cfg, exp, splits, expected, resume=True).get_results()
     return finish(cfg, exp, results, splits, time.time())

@@ -145,16 +145,17 @@ def start_ray(address: str | None) -> None:
 
 def images_here(cfg: SearchConfig, address: str | None) -> bool:
     """Whether the driver checks the images itself: always, except on a cluster whose head
-    holds only the label CSV (images staged on the workers, which check them)."""
-    from boneage import data
+    holds only the label CSV (images staged on the workers: the first node checks them, see
+    tuning.prepare.splits_from_a_node). A head that kept only its prepared cache holds them."""
+    from boneage.splits import image_dir_here
 
     if not address or cfg.data.source == "phantom":
         return True
     try:
-        data.find_image_dir(Path(cfg.data.root), "training")
+        image_dir_here(cfg.data, Path(cfg.data.root))
         return True
     except InputError:
-        print(f"data: no images under {cfg.data.root} here: checking the labels here, the images on each node")
+        print(f"data: no images under {cfg.data.root} here: checking the labels here, the images on a node")
         return False
 
 
@@ -203,8 +204,13 @@ def prepare(cfg: SearchConfig, name: str, address: str | None, resume: bool):
         from tuning.replay import load_curves
 
         load_curves(cfg.tune.replay.curves, cfg)  # a bad curve file is refused before anything is written
-    splits = load_splits(cfg.data, images=images_here(cfg, address))
+    here = images_here(cfg, address)
+    splits = load_splits(cfg.data) if here else None  # bad data is refused before Ray starts
     start_ray(address)
+    if splits is None:  # a head holding only the label CSV: a node checks the images
+        from tuning.prepare import splits_from_a_node
+
+        splits = splits_from_a_node(cfg)
     shapes = cluster.node_shapes()
     cluster.check_fits(cfg, shapes)
     return cfg, exp, splits, shapes
@@ -276,7 +282,7 @@ def search(cfg: SearchConfig, name: str, address: str | None = None, resume: boo
     exp.publish([SEARCH_CONFIG, "split_train.csv", "split_val.csv", "split_test.csv"])
     print(f"experiment {name}: results in {exp.local_dir}" + (f" and {exp.uri}" if exp.remote else ""))
     print(f"data: {splits.sizes()} images from {splits.root}")
-    expected = NodeExpectations(exp.uri, token, splits.fingerprint, splits.labels_fingerprint, code_version())
+    expected = NodeExpectations(exp.uri, token, splits.fingerprint, code_version())
     results = make_tuner(cfg, exp, splits, expected, resume).fit()
     node_failures = [str(r.error) for r in results if r.error and MARK in str(r.error)]
     if node_failures:

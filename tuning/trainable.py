@@ -107,6 +107,7 @@ def run_trial(params: dict, base: dict, splits, expected) -> None:
     import ray
 
     from boneage.config import from_dict
+    from boneage.splits import here
     from tuning.config import SearchConfig
     from tuning.nodecheck import check_node
     from tuning.space import apply_params
@@ -117,7 +118,8 @@ def run_trial(params: dict, base: dict, splits, expected) -> None:
     cfg = apply_params(from_dict(SearchConfig, base), params)
     cfg.train.intra_op_threads, cfg.train.inter_op_threads = cpus, min(2, cpus)
     cfg.train.verbose = 0  # Ray's trial table is the progress display
-    check_node(expected, cfg)
+    check_node(expected, cfg, splits)
+    splits = here(splits, cfg.data)  # the driver's splits, with this node's image paths
     setup = setup_process(cfg, cpus, gpu_share, gpu_ids)
 
     from boneage.progress import Progress
