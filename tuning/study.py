@@ -18,7 +18,8 @@ so the study agrees with trials.csv trial by trial, also after `--resume`.
 The URL a user writes never holds a password: `BONEAGE_OPTUNA_PASSWORD` (or the file that
 `BONEAGE_OPTUNA_PASSWORD_FILE` names) supplies it when the database is opened, in memory only.
 Ray pickles the searcher into the experiment (`tuner.pkl`, `searcher-state-*.pkl`), so `StudySearch` pickles without its storage (a database engine holding
-the password) and reopens it on unpickling; no file the project writes holds the password.
+the password) and reopens it on unpickling; no file the project writes holds the password. The
+default SQLite study's path is computed on the head that unpickles it (a resume on a new head).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from boneage.errors import InputError
 
 STUDY_DB = "optuna.db"
 PASSWORD_ENV = "BONEAGE_OPTUNA_PASSWORD"
+DEFAULT_KEY = "the experiment's study (optuna.db)"  # what an error names when tune.optuna_storage is unset
 RAY_TRIAL = "ray_trial_id"  # the user attribute naming a study entry's Ray trial
 OWN_ENDS = ("completed", "early_stopping")  # a trial's own `ended` when it ran its course
 PASSWORD_FILE_ENV = "BONEAGE_OPTUNA_PASSWORD_FILE"  # a file, so no command line or job record holds it
@@ -60,7 +62,7 @@ def study_url(cfg, local_dir: Path) -> str:
 
 def study_key(cfg) -> str:
     """What an error about the study names: the user's `tune.optuna_storage`, or the default."""
-    return "tune.optuna_storage" if cfg.tune.optuna_storage else "the experiment's study (optuna.db)"
+    return "tune.optuna_storage" if cfg.tune.optuna_storage else DEFAULT_KEY
 
 
 def default_study_url(local_dir: Path) -> str:
@@ -201,7 +203,7 @@ class StudySearch(OptunaSearch):
         super().__init__(storage=open_storage(study_url, self._key()), **kwargs)
 
     def _key(self) -> str:
-        return "the experiment's study (optuna.db)" if self.__dict__.get("_local_study") else "tune.optuna_storage"
+        return DEFAULT_KEY if self.__dict__.get("_local_study") else "tune.optuna_storage"
 
     def _entry(self, trial_id) -> str:
         """'open' (running), 'closed' (failed by a crash or an error while Ray runs the trial again
