@@ -216,7 +216,7 @@ def no_tensorflow(tmp_path) -> str:
     return os.pathsep.join([str(tmp_path / "no-tf"), os.environ.get("PYTHONPATH", ""), str(Path.cwd())])
 
 
-def interrupt_when(condition, done: threading.Event) -> threading.Thread:
+def interrupt_when(condition, done: threading.Event, every: float = 0.05) -> threading.Thread:
     """SIGINT to this process (Ray Tune's handler stops the search as Ctrl-C would) once
     `condition()` holds; nothing if `done` is set first (the search ended on its own)."""
     def watch():
@@ -224,7 +224,7 @@ def interrupt_when(condition, done: threading.Event) -> threading.Thread:
             if condition():
                 os.kill(os.getpid(), signal.SIGINT)
                 return
-            time.sleep(0.05)
+            time.sleep(every)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()

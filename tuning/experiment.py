@@ -11,8 +11,11 @@ all go through it.
 For a folder storage everything is written in place: on a cluster that folder must be shared by
 every node (checked before trials start and on every node before its first trial). For s3://
 (or any pyarrow URI) the driver works in `~/boneage-experiments/<name>` and publishes into the
-storage: the search config and splits at the start, the Optuna study after every finished trial,
-the outputs at the end; `--resume` on a fresh head fetches the config and study back first.
+storage: the search config and splits at the start, the Optuna study and the search state when a
+trial is suggested, reports or ends and when the search stops, mlflow.db as trials start and end,
+the outputs at the end; `--resume` on a fresh head fetches them back first (never over a newer
+local copy). Pickled (Ray keeps the experiment in its saved state), a remote experiment's local
+folder is recomputed on the head that unpickles it.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ class Experiment:
     def create(cls, cfg, name: str) -> "Experiment":
         storage = cfg.tune.storage_path
         if is_uri(storage):
-            return cls(name, storage.rstrip("/"), Path.home() / "boneage-experiments" / name)
+            return cls(name, storage.rstrip("/"), head_dir(name))
         storage = str(Path(storage).expanduser().resolve())
         return cls(name, storage, Path(storage) / name)
 
@@ -52,9 +55,15 @@ class Experiment:
         location = location.rstrip("/")
         if is_uri(location):
             parent, _, name = location.rpartition("/")
-            return cls(name, parent, Path.home() / "boneage-experiments" / name)
+            return cls(name, parent, head_dir(name))
         folder = Path(location).expanduser().resolve()
         return cls(folder.name, str(folder.parent), folder)
+
+    def __reduce__(self):
+        # Ray pickles the experiment into its state (the callbacks, the searcher): unpickled on
+        # another head (a resume after the first was lost), a remote experiment's local folder
+        # is that head's own, never the first head's path
+        return _unpickle, (self.name, self.storage_path, None if self.remote else str(self.local_dir))
 
     @property
     def remote(self) -> bool:
@@ -84,13 +93,29 @@ class Experiment:
 
         for name in names:
             source = folder / name
-            if source.exists():
-                if source.is_dir():
-                    self.delete(name)  # no stale files from an earlier copy
-                pyarrow.fs.copy_files(str(source), f"{self.uri}/{name}")
+            if not source.exists():
+                continue
+            stale = self._files(name) if source.is_dir() else set()
+            fs, base = self._fs()
+            if fs.type_name == "local":  # (object stores have no folders to make)
+                fs.create_dir(f"{base}/{name}" if source.is_dir() else str(Path(f"{base}/{name}").parent))
+            pyarrow.fs.copy_files(str(source), f"{self.uri}/{name}")
+            # the old files go only after the new ones are in: no moment without a model/ or final/
+            for path in stale - {p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()}:
+                fs.delete_file(f"{base}/{name}/{path}")
+
+    def _files(self, name: str) -> set[str]:
+        """The files under the storage's folder `name`, relative to it."""
+        import pyarrow.fs
+
+        fs, base = self._fs()
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{base}/{name}", recursive=True, allow_not_found=True))
+        return {i.path[len(f"{base}/{name}/"):] for i in infos if i.type == pyarrow.fs.FileType.File}
 
     def fetch(self, name: str) -> bool:
-        """Copy a file or folder of the storage into local_dir; False if the storage has none."""
+        """Copy a file or folder of the storage into local_dir; False if the storage has none. A
+        local file newer than the storage's copy is kept: the driver wrote it after its last
+        publish (a search stopped on this head), and the copy would lose what it wrote since."""
         if not self.remote:
             return (self.local_dir / name).exists()
         import pyarrow.fs
@@ -100,6 +125,9 @@ class Experiment:
         if info.type == pyarrow.fs.FileType.NotFound:
             return False
         target = self.local_dir / name
+        if info.type == pyarrow.fs.FileType.File and target.is_file() and info.mtime is not None \
+                and target.stat().st_mtime >= info.mtime.timestamp():
+            return True
         target.parent.mkdir(parents=True, exist_ok=True)
         if info.type == pyarrow.fs.FileType.Directory:
             shutil.rmtree(target, ignore_errors=True)
@@ -204,6 +232,15 @@ class Experiment:
         if seen != token:
             return f"{self.uri} is not the driver's storage (another folder of the same name)"
         return None
+
+
+def head_dir(name: str) -> Path:
+    """The driver's local folder of an experiment in remote storage, on the head that runs it."""
+    return Path.home() / "boneage-experiments" / name
+
+
+def _unpickle(name: str, storage_path: str, local_dir: str | None) -> Experiment:
+    return Experiment(name, storage_path, Path(local_dir) if local_dir else head_dir(name))
 
 
 def is_uri(path: str) -> bool:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from boneage.config import write_atomic
 from boneage.evaluate import AGE_BANDS_YEARS
-from tuning.report import PARAM, Unavailable, _draw, _duration, _pyplot
+from tuning.report import FAILED_NOTE, PARAM, Unavailable, _draw, _duration, _pyplot, failed_entries
 
 REPORT = "report.html"
 STYLE = """
@@ -261,6 +261,14 @@ def _final_sections(out: Path, summary: dict) -> str:
     return "".join(parts)
 
 
+def _failed_section(study) -> str:
+    failed = failed_entries(study)
+    if not failed:
+        return ""
+    return (f"<h3>Failed study entries ({len(failed)})</h3><p>{_e(FAILED_NOTE)}</p>"
+            + _table(["entry", "Ray trial", "parameters"], [tuple(_e(v) for v in row) for row in failed]))
+
+
 def write_html_report(experiment_dir, trials: pd.DataFrame, study, summary: dict, plots) -> Path:
     out = Path(experiment_dir)
     best, test, cover = summary.get("best") or {}, summary.get("test_metrics"), summary.get("test_intervals")
@@ -293,7 +301,7 @@ def write_html_report(experiment_dir, trials: pd.DataFrame, study, summary: dict
              '<h2 id="search">The search</h2><div class=two>']
     parts += [_plot(out, name, title, reason) for name, title, reason in plots if name != "test_predictions.png"]
     parts += ["</div>", f'<h2 id="trials">Trials ({len(trials)})</h2><p>Click a column to sort.</p>',
-              _trials_table(trials), '<h2 id="config">Best configuration</h2>',
+              _trials_table(trials), _failed_section(study), '<h2 id="config">Best configuration</h2>',
               _table(["parameter", "value"], [(_e(k), _e(v)) for k, v in (best.get("params") or {}).items()]),
               f"<script>{SCRIPT}</script></main></body></html>"]
     path = out / REPORT

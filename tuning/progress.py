@@ -3,7 +3,7 @@
     progress = SearchProgress(exp, cfg)          # a Tune callback and a stopper
     scheduler = Scheduler(progress, ...)         # ASHA that remembers its rungs
     searcher = Limiter(searcher, max_concurrent=2)   # passes on trials restored by a resume
-    StudySync(exp, url)                          # a SQLite study copied into remote storage
+    StudySync(exp, url)                          # a SQLite study (and mlflow.db) copied into remote storage
 
 Ray restores trials and the searcher after a crash, but not the scheduler's rungs, nor the time
 spent: after `--resume`, ASHA would start with empty rungs (its next decisions compare trials
@@ -11,7 +11,8 @@ with nothing) and `tune.time_budget_s` and `tune.gpu_hours_budget` would start a
 the cost guard of a multi-day run on rented GPUs. So `search_state.json` in the experiment folder
 keeps: the seconds the search has run in earlier sessions, each trial's running seconds, ASHA's
 rungs and the trials it stopped, and which budget (if any) ended the search. It is written on
-every result and copied into the storage when a trial ends; `--resume` fetches it back.
+every result and copied into the storage when a trial starts or ends and when the search stops;
+`--resume` fetches it back (never over a newer local copy).
 
 The scheduler also enforces `tune.max_concurrent_trials` on every trial it starts, including
 trials restored by a resume (Ray's concurrency limiter counts only the trials it suggested
@@ -99,6 +100,9 @@ class SearchProgress(tune.Callback, tune.Stopper):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self(trial.trial_id, result)
         self.save()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.save(publish=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.save(publish=True)
@@ -210,27 +214,50 @@ def backup_sqlite(url: str, target: Path) -> bool:
 
 
 class StudySync(tune.Callback):
-    """On the driver, for a SQLite study and an s3:// (or other remote) storage: copy the study
-    into the storage after every trial that ends, so a lost head loses at most one trial's
-    entry of it, and `--resume` on a fresh head starts from the copy."""
+    """On the driver, for an s3:// (or other remote) storage: copy the SQLite study and the
+    default MLflow database (`mlflow.db`) into the storage when a trial starts, reports or ends
+    and when the search stops (the searcher also copies the study when it suggests a trial), so
+    a lost head loses at most the epoch in flight, and `--resume` on a fresh head starts from
+    the copies. The study's URL is the experiment folder's unless `url` names another SQLite
+    file; computed on the head that runs, as the experiment's folder is."""
 
-    def __init__(self, exp, url: str):
-        self.exp, self.url = exp, url
+    def __init__(self, exp, url: str | None = None):
+        from tuning.study import default_study_url
 
-    def sync(self) -> None:
+        self.exp = exp
+        self.url = None if url == default_study_url(exp.local_dir) else url
+
+    def study_url(self) -> str:
+        from tuning.study import default_study_url
+
+        return self.url or default_study_url(self.exp.local_dir)
+
+    def sync(self, study: bool = True, mlflow: bool = False) -> None:
         import tempfile
 
         from tuning.study import STUDY_DB
+        from tuning.tracking import MLFLOW_DB
 
+        copies = ([(self.study_url(), STUDY_DB)] if study else []) + \
+                 ([(f"sqlite:///{self.exp.local_dir / MLFLOW_DB}", MLFLOW_DB)] if mlflow else [])
         with tempfile.TemporaryDirectory() as folder:
-            if backup_sqlite(self.url, Path(folder) / STUDY_DB):
-                self.exp.publish([STUDY_DB], Path(folder))
+            made = [name for url, name in copies if backup_sqlite(url, Path(folder) / name)]
+            self.exp.publish(made, Path(folder))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.sync(mlflow=True)  # the trial's MLflow run is there: a resume finds it, not a second one
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.sync()  # the epoch just reported (a resumed trial's entry then holds every epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.sync()
+        self.sync(mlflow=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.sync()
+        self.sync(mlflow=True)
+
+    def on_experiment_end(self, trials, **info):
+        self.sync(mlflow=True)
 
 
 class Limiter(ConcurrencyLimiter):

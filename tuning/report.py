@@ -269,6 +269,22 @@ def draw_plots(experiment_dir, trials: pd.DataFrame, study, summary: dict) -> li
     return [(name, title, _draw(out, name, draw)) for name, title, draw in plots]
 
 
+FAILED_NOTE = ("The Optuna study's entries closed as FAIL: a trial that was running when the search was stopped "
+               "or its head lost (its trial went on from its checkpoint, and its end is a later entry), or a trial "
+               "whose error spent its retries.")
+
+
+def failed_entries(study) -> list[tuple[str, str, str]]:
+    """(#number, Ray trial id, parameters) of the study's FAIL entries."""
+    import optuna
+
+    if study is None:
+        return []
+    return [(f"#{t.number}", t.user_attrs.get("ray_trial_id", "-"),
+             ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items()))
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
+
+
 def write_report(experiment_dir, trials: pd.DataFrame, study, summary: dict, plots=None) -> Path:
     """report.md; `plots` from draw_plots, drawn here when not given."""
     out = Path(experiment_dir)
@@ -312,6 +328,9 @@ def write_report(experiment_dir, trials: pd.DataFrame, study, summary: dict, plo
                      .itertuples(index=False)])
     if (out / "trials.csv").exists():
         lines += ["All trials, with per-epoch validation MAE: [trials.csv](trials.csv)", ""]
+    failed = failed_entries(study)
+    if failed:
+        lines += ["## Failed study entries", "", FAILED_NOTE, ""] + _table(["entry", "Ray trial", "parameters"], failed)
     path = out / "report.md"
     write_atomic(path, "\n".join(lines))
     return path

@@ -38,7 +38,12 @@ def collect_trials(results, cfg: SearchConfig, progress: dict | None = None) -> 
     rows = []
     for result in results:
         history = result.metrics_dataframe
-        curve = [float(v) for v in history["val_mae"]] if history is not None and "val_mae" in history else []
+        curve = [] if history is None or "val_mae" not in history else [float(v) for v in history["val_mae"]]
+        if curve and "epoch" in history and history["epoch"].notna().all():
+            # one value an epoch: a trial resumed from a checkpoint older than its last result
+            # runs that epoch again, and its later run is the one its weights went on from
+            by_epoch = dict(zip(history["epoch"].astype(int), curve))
+            curve = [by_epoch[e] for e in sorted(by_epoch)]
         epochs = int(result.metrics.get("epoch", len(curve)) or 0)
         own = str(result.metrics.get("ended") or "")  # why the trial ended, when it knows itself
         status = ("error" if result.error else "diverged" if result.metrics.get("diverged") else
@@ -234,9 +239,10 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
     from tuning.html_report import dashboard_command, write_html_report
     from tuning.report import draw_plots, format_summary, write_report, write_trials_csv
     from tuning.progress import StudySync
-    from tuning.study import STUDY_DB, open_storage, study_url
+    from tuning.study import STUDY_DB, open_storage, study_key, study_url
 
     from tuning.progress import load_state
+    from tuning.tracking import MLFLOW_DB
 
     local_dir = exp.local_dir
     search_seconds = time.time() - started
@@ -258,7 +264,7 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
         write_atomic(local_dir / "test_metrics.json", json.dumps(retrained["test_metrics"], indent=2))
         gpu_seconds += retrained["seconds"] * retrained["gpus"]
     url = study_url(cfg, local_dir)
-    study = optuna.load_study(study_name=exp.name, storage=open_storage(url))
+    study = optuna.load_study(study_name=exp.name, storage=open_storage(url, study_key(cfg)))
     summary = {
         "name": exp.name, "num_trials": len(trials), "storage": exp.uri, "study": url,  # password-free
         "best": {"trial_id": best["trial_id"], "val_mae": float(best["best_val_mae"]),
@@ -280,8 +286,9 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
     write_html_report(local_dir, trials, study, summary, plots)
     write_atomic(local_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     if exp.remote:
-        StudySync(exp, url).sync()
-        exp.publish(sorted(p.name for p in local_dir.iterdir() if p.name not in (STUDY_DB, "final", "model")))
+        StudySync(exp, url).sync(mlflow=True)
+        kept = (STUDY_DB, MLFLOW_DB, "final", "model")  # published by StudySync, or written by the retrain
+        exp.publish(sorted(p.name for p in local_dir.iterdir() if p.name not in kept))
     print(format_summary(summary))
     if summary.get("test_intervals"):
         cover = summary["test_intervals"]

@@ -12,12 +12,12 @@ or PRUNED when ASHA, a budget or a divergence stopped it), and ASHA stops the we
 validation MAE. With `tune.replay.curves` set, trials replay learning curves instead of training
 (`tuning.replay`: no TensorFlow, no image preparation, worker processes reused). The
 experiment lives in `tune.storage_path` (a folder, a shared file system or s3://; see
-`tuning.experiment`), the Optuna study in SQLite inside it (copied into s3:// storage after
-every trial) or at `tune.optuna_storage` (see `tuning.study`), so a resumed search continues it,
-on a fresh head too. `tensorboard --logdir EXPERIMENT` shows every trial's curves, and
-`tune.mlflow: true` logs the trials to MLflow too (`tuning.tracking`). The driver validates
-the config, the data and the cluster, has every node prepare the images once
-(`tuning.prepare`), then leaves all TensorFlow work to Ray workers; on a
+`tuning.experiment`), the Optuna study in SQLite inside it (copied into s3:// storage as trials
+are suggested, report and end, and when the search stops) or at `tune.optuna_storage` (see
+`tuning.study`), so a resumed search continues it, on a new head too. `tensorboard --logdir
+EXPERIMENT` shows every trial's curves, and `tune.mlflow: true` logs the trials to MLflow too
+(`tuning.tracking`). The driver validates the config, the data and the cluster, has every node
+prepare the images once (`tuning.prepare`), then leaves all TensorFlow work to Ray workers; on a
 cluster, Ray ships the driver's code to them.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
     from tuning.nodecheck import NodeCheckWatch
     from tuning.progress import Limiter, Scheduler, SearchProgress, StudySync
     from tuning.space import parse_space
-    from tuning.study import fail_running_trials, make_searcher, open_storage, study_url
+    from tuning.study import fail_running_trials, make_searcher, open_storage, study_key, study_url
     from tuning.tracking import tracking_callbacks
 
     trainable = tune.with_resources(trial_function(cfg, splits, expected),
@@ -59,7 +59,7 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
     if resume:
         if not tune.Tuner.can_restore(exp.uri):
             raise InputError(f"--resume: no experiment to resume at {exp.uri}")
-        failed = fail_running_trials(open_storage(url), exp.name)
+        failed = fail_running_trials(open_storage(url, study_key(cfg)), exp.name)
         if failed:
             print(f"marked {failed} trial(s) left running in the Optuna study as failed")
         # the scheduler, the budgets and the callbacks come back from the experiment, with the
@@ -69,7 +69,7 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
     scheduler = Scheduler(progress, max_running=cfg.tune.max_concurrent_trials, time_attr="epoch",
                           max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
                           reduction_factor=cfg.tune.reduction_factor)
-    searcher = make_searcher(cfg, parse_space(cfg), url, exp.name, METRIC, MODE)
+    searcher = make_searcher(cfg, parse_space(cfg), url, exp.name, METRIC, MODE, exp=exp)
     if cfg.tune.max_concurrent_trials:
         searcher = Limiter(searcher, max_concurrent=cfg.tune.max_concurrent_trials)
     watch = NodeCheckWatch()
@@ -82,8 +82,8 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
             reuse_actors=bool(cfg.tune.replay.curves)),
         run_config=tune.RunConfig(
             name=exp.name, storage_path=exp.storage_path, stop=tune.stopper.CombinedStopper(watch, progress),
-            callbacks=[watch, progress] + ([StudySync(exp, url)] if exp.remote else [])
-                      + tracking_callbacks(cfg, exp.name, exp.local_dir),
+            # StudySync last: it copies mlflow.db after the MLflow callback has written a trial's run
+            callbacks=[watch, progress] + tracking_callbacks(cfg, exp) + ([StudySync(exp, url)] if exp.remote else []),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
 
@@ -179,6 +179,7 @@ def prepare(cfg: SearchConfig, name: str, address: str | None, resume: bool):
     from boneage.splits import load_splits
     from tuning.progress import STATE_FILE
     from tuning.study import STUDY_DB, open_storage, study_url
+    from tuning.tracking import MLFLOW_DB
 
     resolve_paths(cfg)
     exp = Experiment.create(cfg, name)
@@ -192,8 +193,10 @@ def prepare(cfg: SearchConfig, name: str, address: str | None, resume: bool):
                              f"(a resumed search runs what it started):\n  " + "\n  ".join(changes)
                              + "\nResume with the same --config and --set values, or start a new --name.")
         cfg = saved
-        exp.fetch(STUDY_DB)
+        exp.fetch(STUDY_DB)  # (a fetch keeps a newer local copy: a search stopped on this head)
         exp.fetch(STATE_FILE)
+        if cfg.tune.mlflow and not cfg.tune.mlflow_tracking_uri:
+            exp.fetch(MLFLOW_DB)
     elif exp.exists():
         raise InputError(f"experiment {name} already exists in {exp.storage_path}: continue it with --resume, "
                          f"or give another --name")
@@ -291,9 +294,9 @@ def search(cfg: SearchConfig, name: str, address: str | None = None, resume: boo
     if unfinished_trials(results):
         raise SearchInterrupted(f"search {name} was interrupted; its state is saved. Continue it with:\n"
                                 f"  python -m tuning.search --config CONFIG --resume --name {name}")
-    from tuning.study import open_storage, settle, study_url
+    from tuning.study import open_storage, settle, study_key, study_url
 
-    settle(open_storage(study_url(cfg, exp.local_dir)), exp.name, results, cfg.train.epochs)
+    settle(open_storage(study_url(cfg, exp.local_dir), study_key(cfg)), exp.name, results, cfg.train.epochs)
     return finish(cfg, exp, results, splits, started)
 
 

@@ -18,7 +18,8 @@ so the study agrees with trials.csv trial by trial, also after `--resume`.
 The URL a user writes never holds a password: `BONEAGE_OPTUNA_PASSWORD` (or the file that
 `BONEAGE_OPTUNA_PASSWORD_FILE` names) supplies it when the database is opened, in memory only.
 Ray pickles the searcher into the experiment (`tuner.pkl`, `searcher-state-*.pkl`), so `StudySearch` pickles without its storage (a database engine holding
-the password) and reopens it on unpickling; no file the project writes holds the password.
+the password) and reopens it on unpickling; no file the project writes holds the password. The
+default SQLite study's path is computed on the head that unpickles it (a resume on a new head).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from boneage.errors import InputError
 
 STUDY_DB = "optuna.db"
 PASSWORD_ENV = "BONEAGE_OPTUNA_PASSWORD"
+DEFAULT_KEY = "the experiment's study (optuna.db)"  # what an error names when tune.optuna_storage is unset
 RAY_TRIAL = "ray_trial_id"  # the user attribute naming a study entry's Ray trial
 OWN_ENDS = ("completed", "early_stopping")  # a trial's own `ended` when it ran its course
 PASSWORD_FILE_ENV = "BONEAGE_OPTUNA_PASSWORD_FILE"  # a file, so no command line or job record holds it
@@ -46,7 +48,7 @@ def study_url(cfg, local_dir: Path) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    url = cfg.tune.optuna_storage or f"sqlite:///{Path(local_dir) / STUDY_DB}"
+    url = cfg.tune.optuna_storage or default_study_url(local_dir)
     try:
         parsed = make_url(url)
     except ArgumentError as err:
@@ -56,6 +58,16 @@ def study_url(cfg, local_dir: Path) -> str:
                          f"remove it from the URL and set {PASSWORD_ENV} (or {PASSWORD_FILE_ENV}) instead "
                          f"(it is then never written to any file)")
     return url
+
+
+def study_key(cfg) -> str:
+    """What an error about the study names: the user's `tune.optuna_storage`, or the default."""
+    return "tune.optuna_storage" if cfg.tune.optuna_storage else DEFAULT_KEY
+
+
+def default_study_url(local_dir: Path) -> str:
+    """SQLite in the experiment's local folder: the study when `tune.optuna_storage` is unset."""
+    return f"sqlite:///{Path(local_dir) / STUDY_DB}"
 
 
 def study_password() -> str | None:
@@ -72,10 +84,11 @@ def study_password() -> str | None:
     return lines[0] if lines and lines[0] else None
 
 
-def open_storage(url: str):
+def open_storage(url: str, key: str = "tune.optuna_storage"):
     """The Optuna storage. A URL that cannot name a usable database, or a password the server
-    refuses, is bad input (status 2); a database that is there but fails (locked, unreachable, a
-    newer schema) raises as it is."""
+    refuses, is bad input (status 2), named by `key` (the experiment's own SQLite study is not
+    the user's `tune.optuna_storage`); a database that is there but fails (locked, unreachable,
+    a newer schema) raises as it is."""
     import optuna
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, OperationalError
@@ -88,19 +101,19 @@ def open_storage(url: str):
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         folder = Path(parsed.database).expanduser().absolute().parent
         if not folder.is_dir():
-            raise InputError(f"tune.optuna_storage: {shown}: folder {folder} does not exist")
+            raise InputError(f"{key}: {shown}: folder {folder} does not exist")
     try:
         return optuna.storages.RDBStorage(parsed.render_as_string(hide_password=False), heartbeat_interval=None)
     except ArgumentError as err:  # e.g. NoSuchModuleError: an unknown kind of database
-        raise InputError(f"tune.optuna_storage: cannot use {shown}: {err}") from None
+        raise InputError(f"{key}: cannot use {shown}: {err}") from None
     except ImportError as err:  # Optuna: this kind of database has no driver installed here
-        raise InputError(f"tune.optuna_storage: {shown}: {err} (for PostgreSQL: pip install "
+        raise InputError(f"{key}: {shown}: {err} (for PostgreSQL: pip install "
                          f"psycopg2-binary; for MySQL: pip install pymysql)") from None
     except OperationalError as err:  # a refused password is the user's to fix; a server down is not
         if not any(sign in str(err) for sign in REFUSED_PASSWORD):
             raise
         given = "a wrong password" if password else "no password"
-        raise InputError(f"tune.optuna_storage: {shown}: the server refused {given} for user "
+        raise InputError(f"{key}: {shown}: the server refused {given} for user "
                          f"{parsed.username!r}; set {PASSWORD_ENV} (or {PASSWORD_FILE_ENV}, a file) to that "
                          f"user's password") from None
 
@@ -177,11 +190,20 @@ class StudySearch(OptunaSearch):
     reports nothing to the closed entry: its end is added as a new entry, with the closed entry's
     epochs and the resumed ones. And it pickles without its storage, which it reopens from the
     password-free URL when unpickled (a resumed search).
+
+    With `exp`, the experiment whose local folder holds the study (the default SQLite one): the
+    URL is computed anew on the head that unpickles the searcher (a resume on a new head, whose
+    folder is its own), and for a remote storage the study is copied into it each time a trial
+    is suggested, so the copy always knows every entry Ray's saved searcher maps a trial to.
     """
 
-    def __init__(self, *, study_url: str, max_epochs: int = 0, **kwargs):
-        self._study_url, self._max_epochs = study_url, max_epochs
-        super().__init__(storage=open_storage(study_url), **kwargs)
+    def __init__(self, *, study_url: str, max_epochs: int = 0, exp=None, **kwargs):
+        self._study_url, self._max_epochs, self._exp = study_url, max_epochs, exp
+        self._local_study = exp is not None and study_url == default_study_url(exp.local_dir)
+        super().__init__(storage=open_storage(study_url, self._key()), **kwargs)
+
+    def _key(self) -> str:
+        return DEFAULT_KEY if self.__dict__.get("_local_study") else "tune.optuna_storage"
 
     def _entry(self, trial_id) -> str:
         """'open' (running), 'closed' (failed by a crash or an error while Ray runs the trial again
@@ -190,14 +212,22 @@ class StudySearch(OptunaSearch):
 
         if trial_id in self.__dict__.get("_readded", ()):
             return "done"
-        state = self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id).state
-        return "open" if state == optuna.trial.TrialState.RUNNING else \
-            "closed" if state == optuna.trial.TrialState.FAIL else "done"
+        entry = self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id)
+        if entry.state == optuna.trial.TrialState.WAITING:  # it was asked for this trial: never so
+            raise RuntimeError(f"study entry {entry.number} of Ray trial {trial_id} is WAITING: the study is "
+                               f"older than the searcher's state (a copy from before the trial was suggested)")
+        return "open" if entry.state == optuna.trial.TrialState.RUNNING else \
+            "closed" if entry.state == optuna.trial.TrialState.FAIL else "done"
 
     def suggest(self, trial_id):
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr(RAY_TRIAL, trial_id)
+            exp = self.__dict__.get("_exp")
+            if self.__dict__.get("_local_study") and exp.remote:
+                from tuning.progress import StudySync
+
+                StudySync(exp).sync()
         return config
 
     def on_trial_result(self, trial_id, result):
@@ -231,6 +261,8 @@ class StudySearch(OptunaSearch):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_storage"] = state["_ot_study"] = None
+        if self.__dict__.get("_local_study"):
+            state["_study_url"] = None  # this head's path: the unpickling head computes its own
         state["_ot_trials"] = {tid: trial._trial_id for tid, trial in self._ot_trials.items()}
         return state
 
@@ -238,7 +270,9 @@ class StudySearch(OptunaSearch):
         import optuna
 
         self.__dict__.update(state)
-        self._storage = open_storage(self._study_url)
+        if state.get("_local_study"):
+            self._study_url = default_study_url(self._exp.local_dir)
+        self._storage = open_storage(self._study_url, self._key())
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
                                            sampler=self._sampler)
         self._ot_trials = {tid: optuna.Trial(self._ot_study, number) for tid, number in state["_ot_trials"].items()}
@@ -318,7 +352,7 @@ def make_sampler(cfg):
                                       constant_liar=True)
 
 
-def make_searcher(cfg, space: dict, url: str, study_name: str, metric: str, mode: str) -> StudySearch:
-    return StudySearch(study_url=url, max_epochs=cfg.train.epochs, space=space, metric=metric, mode=mode,
+def make_searcher(cfg, space: dict, url: str, study_name: str, metric: str, mode: str, exp=None) -> StudySearch:
+    return StudySearch(study_url=url, max_epochs=cfg.train.epochs, exp=exp, space=space, metric=metric, mode=mode,
                        sampler=make_sampler(cfg), study_name=study_name,
                        points_to_evaluate=list(cfg.tune.points_to_evaluate) or None)
