@@ -146,6 +146,11 @@ def replay_env(tmp_path_factory):
         patch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
         yield
     ray.shutdown()
+    # Ray caches its auth token in the process, read from ~/.ray/auth_token under the HOME of
+    # these tests' heads; the next module's Ray reads the real HOME's, which would not match
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()
 
 
 @pytest.fixture
