@@ -167,6 +167,27 @@ def test_format_summary(tmp_path):
     assert "not evaluated" in no_test
 
 
+def test_summary_and_reports_say_which_budget_cut_the_search_and_how_the_epochs_were_chosen(tmp_path):
+    from tuning.html_report import write_html_report
+
+    from tuning.config import load_search_config
+    from tuning.retrain import budget_note
+
+    cfg = load_search_config(None, ["tune.time_budget_s=420"])
+    budget = budget_note(cfg, {"budget_stop": "time_budget"})  # what finish() puts in the summary
+    assert "tune.time_budget_s: 420 s" in budget and budget_note(cfg, {"budget_stop": None}) is None
+    rule = "train.epochs (8): no trial ran its course"
+    summary = make_summary(tmp_path) | {"budget_stop": budget, "retrain_epochs_rule": rule}
+    text = format_summary(summary)
+    assert budget in text and rule in text
+    report = write_report(tmp_path / "exp", make_trials(), None, summary).read_text()
+    assert budget in report and rule in report
+    page = write_html_report(tmp_path / "exp", make_trials(), None, summary, []).read_text()
+    assert "420 s" in page and "no trial ran its course" in page
+    plain = format_summary(make_summary(tmp_path))  # no budget met: nothing said about one
+    assert "Budget" not in plain
+
+
 @pytest.mark.parametrize("status", ["running", "error"])
 def test_no_finished_trial(tmp_path, status):
     trials = make_trials(1).assign(status=status, best_val_mae=np.nan, last_val_mae=np.nan,

@@ -159,6 +159,47 @@ def test_best_config_never_chooses_a_diverged_trial():
         best_config(cfg, trials[trials["trial_id"] != "b"])
 
 
+def _trials(*rows):
+    """A trials table as collect_trials writes it: (id, status, ended, best MAE, best epoch, epochs)."""
+    return pd.DataFrame([{"trial_id": t, "status": status, "ended": ended, "best_val_mae": mae, "best_epoch": best,
+                          "epochs": epochs, "param.learning_rate": 10.0 ** -(i + 2)}
+                         for i, (t, status, ended, mae, best, epochs) in enumerate(rows)])
+
+
+CUT_BY_TIME = "stopped after epoch 2: the search's time budget (420 s) was spent"
+
+
+def test_the_retrain_never_takes_its_epochs_from_a_trial_cut_short():
+    """Issue 15 item 7: a trial cut by ASHA or a budget has not shown how many epochs it needs."""
+    from tuning.config import load_search_config
+    from tuning.retrain import best_config, retrain_epochs
+
+    cfg = load_search_config(None, ["train.epochs=8", "tune.space={learning_rate: {loguniform: [1.0e-6, 1]}}"])
+    # the demo's second run: every trial cut by the time budget, the best at epoch 2 -> train.epochs
+    cut = _trials(("a", "stopped_early", CUT_BY_TIME, 26.7, 2, 2), ("b", "stopped_early", CUT_BY_TIME, 30.0, 2, 2),
+                  ("c", "stopped_early", "stopped by ASHA at the epoch-1 rung", 35.0, 1, 1))
+    tuned, best = best_config(cfg, cut)
+    assert best["trial_id"] == "a" and tuned.train.epochs == 8
+    assert retrain_epochs(cfg, cut, best)[1].startswith("train.epochs (8): no trial ran its course")
+    # the best was cut; two ran their course (all epochs; its own early stopping): the better one's best epoch
+    mixed = pd.concat([cut, _trials(("d", "completed", "ran all 8 epochs", 28.0, 6, 8),
+                                    ("e", "stopped_early", "early stopping after epoch 5: validation MAE not "
+                                     "better for 2 epochs", 27.0, 3, 5),
+                                    ("f", "diverged", "diverged at epoch 2", 5.0, 1, 2))], ignore_index=True)
+    tuned, best = best_config(cfg, mixed)
+    epochs, rule = retrain_epochs(cfg, mixed[mixed["status"] != "diverged"], best)
+    assert best["trial_id"] == "a" and tuned.train.epochs == epochs == 3 and "(e)" in rule and "cut short" in rule
+    # the cut trial's own best epoch is a lower bound: it has shown that that many help
+    later = mixed.assign(best_epoch=np.where(mixed["trial_id"] == "a", 4, mixed["best_epoch"]),
+                         epochs=np.where(mixed["trial_id"] == "a", 4, mixed["epochs"]))
+    assert best_config(cfg, later)[0].train.epochs == 4
+    # the best trial ran its course: its own best epoch, whatever the others did
+    done = mixed.assign(best_val_mae=np.where(mixed["trial_id"] == "d", 20.0, mixed["best_val_mae"]))
+    tuned, best = best_config(cfg, done)
+    assert best["trial_id"] == "d" and tuned.train.epochs == 6
+    assert "ran its course" in retrain_epochs(cfg, done, best)[1]
+
+
 # --- a real search: best weights in the trial checkpoint, a diverged trial ----------------------
 
 KEEPS_BEST = {"learning_rate": 3.0, "loss": "mae"}  # epoch 2 wrecks what the head learned in epoch 1

@@ -282,6 +282,8 @@ def write_html_report(experiment_dir, trials: pd.DataFrame, study, summary: dict
         ("prediction intervals", "-" if not cover else f"{cover['nominal']:.0%} nominal, {cover['coverage']:.1%} of "
                                  f"test ages inside, mean width {cover['mean_width']:.1f} months"),
         ("trials", f"{len(trials)} ({_e(statuses)})"),
+        ("retrain epochs", _e(summary.get("retrain_epochs_rule") or "-")),
+        ("budget", _e(summary.get("budget_stop") or "not reached")),
         ("data", _e(", ".join(f"{k} {v}" for k, v in (summary.get("split_sizes") or {}).items()) or "-")),
         ("wall time, GPU-hours", f"{_duration(summary.get('wall_time_s'))}, {summary.get('gpu_hours') or 0:.2f}"),
         ("results", f"<code>{_e(summary.get('storage', out))}</code>"),

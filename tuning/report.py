@@ -7,7 +7,8 @@
 `trials`: trial_id, status (completed, stopped_early, diverged, error, running), ended, epochs, best_val_mae,
 last_val_mae, val_mae_per_epoch (a list), time_s, node_id (Ray's), host, and `param.<name>` per searched parameter.
 `study`: the Optuna study or None. `summary`: name, best {trial_id, val_mae, params, epochs},
-test_metrics (boneage.evaluate's dict) or None, retrain_epochs, predictions_csv, wall_time_s,
+test_metrics (boneage.evaluate's dict) or None, retrain_epochs, retrain_epochs_rule (why that many),
+budget_stop (which budget cut the search, or None), predictions_csv, wall_time_s,
 gpu_hours, num_trials, storage. A plot that cannot be drawn is "not available: <reason>" in the
 report, never an error. Needs pandas, numpy and matplotlib; Optuna only for parameter importance.
 """
@@ -300,6 +301,8 @@ def write_report(experiment_dir, trials: pd.DataFrame, study, summary: dict, plo
         ("best trial", f"`{best.get('trial_id', '-')}`"),
         ("validation MAE (best trial)", f"{_months(best.get('val_mae'))} months, {_fmt(best.get('epochs'))} epochs"),
         (f"test MAE (retrained {_fmt(summary.get('retrain_epochs'))} epochs)", test_mae),
+        ("retrain epochs chosen by", summary.get("retrain_epochs_rule") or "-"),
+        ("budget", summary.get("budget_stop") or "not reached"),
         ("test MAE of the mean predictor", f"{test['mean_predictor_mae']:.2f} months" if test else "-"),
         ("trials", f"{len(trials)} ({statuses})"),
         ("wall time", _duration(summary.get("wall_time_s"))),
@@ -346,6 +349,10 @@ def format_summary(summary: dict) -> str:
         lines.append(f"Best trial {best.get('trial_id')}: validation MAE {best['val_mae']:.2f} months, "
                      f"{best.get('epochs')} epochs")
         lines += [f"  {k} = {_fmt(v)}" for k, v in (best.get("params") or {}).items()]
+    if summary.get("budget_stop"):
+        lines.append(f"Budget: {summary['budget_stop']}.")
+    if summary.get("retrain_epochs_rule"):
+        lines.append(f"Retrain epochs: {summary['retrain_epochs_rule']}")
     if test:
         lines.append(f"Test set (best config retrained for {summary.get('retrain_epochs')} epochs):")
         lines += ["  " + line for line in format_metrics(test).splitlines()]

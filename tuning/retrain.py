@@ -3,7 +3,9 @@
     python -m tuning.search --retrain-only experiments/demo-20261201-101500
 
 The retrain uses train + validation for as many epochs as the best trial needed to reach its
-best validation MAE, with a cosine schedule (it has no validation set to watch), then is tested
+best validation MAE, counted only on trials that ran their course (`retrain_epochs`: a trial cut by
+ASHA or a budget has not shown how many it needs), with a cosine schedule (it has no validation
+set to watch), then is tested
 once on the held-out test split. It runs as a Ray task holding the GPUs it needs, so on a
 cluster it lands on a GPU worker, with every GPU of that node (MirroredStrategy) by default.
 It checkpoints every epoch into the experiment's storage (`tuning.retrain_checkpoint`), so a
@@ -71,7 +73,7 @@ def own_end_reason(own: str, status: str, epochs: int, cfg: SearchConfig) -> str
     if status == "error":
         return None
     if own == "early_stopping":
-        return (f"early stopping after epoch {epochs}: validation MAE not better for "
+        return (f"{EARLY_STOPPING} {epochs}: validation MAE not better for "
                 f"{cfg.train.early_stopping_patience} epochs")
     return None
 
@@ -94,13 +96,29 @@ def end_reason(result, status: str, epochs: int, cfg: SearchConfig, progress: di
     return f"stopped after epoch {epochs}: the search was stopped"
 
 
+def budget_note(cfg: SearchConfig, progress: dict) -> str | None:
+    """Which budget cut the search short, for the summary and the reports; None if none did."""
+    if progress.get("budget_stop") == "time_budget":
+        return (f"the time budget (tune.time_budget_s: {cfg.tune.time_budget_s:g} s) cut the search short: "
+                f"its running trials were stopped and no new trial started")
+    if progress.get("budget_stop") == "gpu_hour_budget":
+        return (f"the GPU-hour budget (tune.gpu_hours_budget: {cfg.tune.gpu_hours_budget:g}) cut the search "
+                f"short: its running trials were stopped and no new trial started")
+    return None
+
+
+def candidates(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials the retrain may follow: each reported a validation MAE and did not diverge (a
+    diverged trial is never chosen, however good an epoch before looked)."""
+    finished = trials[trials["best_val_mae"].notna()]
+    return finished[finished["status"] != "diverged"] if "status" in finished else finished
+
+
 def best_config(cfg: SearchConfig, trials: pd.DataFrame) -> tuple[SearchConfig, pd.Series]:
     """The best trial's config, set up for retraining without a validation set."""
     from tuning.space import apply_params
 
-    finished = trials[trials["best_val_mae"].notna()]
-    if "status" in finished:  # a diverged trial is never chosen, however good an epoch before looked
-        finished = finished[finished["status"] != "diverged"]
+    finished = candidates(trials)
     if finished.empty:
         raise InputError("no trial reported a validation MAE without diverging; see trials.csv and the "
                          "trials' error.txt files")
@@ -108,9 +126,51 @@ def best_config(cfg: SearchConfig, trials: pd.DataFrame) -> tuple[SearchConfig, 
     params = {k[len("param."):]: v for k, v in best.items() if k.startswith("param.")}
     params = {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
     tuned = apply_params(cfg, params)
-    tuned.train.epochs = max(1, int(best["best_epoch"]) or int(best["epochs"]))
+    tuned.train.epochs = retrain_epochs(cfg, finished, best)[0]
     tuned.train.schedule = "cosine"  # no validation set to reduce on plateau or stop early with
     return tuned, best
+
+
+EARLY_STOPPING = "early stopping after epoch"  # how `own_end_reason` starts a trial's early stop
+
+
+def ran_its_course(trials: pd.DataFrame, max_epochs: int) -> pd.Series:
+    """Which trials ended on their own: all epochs, or their own early stopping. Not a trial that
+    ASHA, a budget or Ray stopped, nor a diverged or failed one. (A table without a status column,
+    made by hand: the trials that ran max_epochs.)"""
+    if "status" not in trials:
+        return trials["epochs"].astype(int) >= max_epochs
+    ended = trials["ended"].fillna("").astype(str) if "ended" in trials else pd.Series("", index=trials.index)
+    return (trials["status"] == "completed") | ((trials["status"] == "stopped_early")
+                                                 & ended.str.startswith(EARLY_STOPPING))
+
+
+def retrain_epochs(cfg: SearchConfig, finished: pd.DataFrame, best: pd.Series) -> tuple[int, str]:
+    """How many epochs the retrain trains, and the rule that chose them (for the report).
+
+    Only a trial that ran its course has shown how many epochs it needs: a trial cut by ASHA or a
+    budget was still learning, so its best epoch so far is only a lower bound. The rule:
+    1. the best trial ran its course: its best epoch;
+    2. it was cut short, and other trials (not diverged) ran their course: the best epoch of the
+       best of those (the nearest in quality to the best trial), or the best trial's own best
+       epoch if that is more (it has shown at least that many help);
+    3. none ran its course: train.epochs, every epoch a trial may train. The retrain has no
+       validation split to stop early on (the calibration part is kept for the intervals alone),
+       so this is the trials' full length with a cosine schedule.
+    """
+    own = max(1, int(best.get("best_epoch", 0) or 0) or int(best["epochs"]))
+    whole = finished[ran_its_course(finished, cfg.train.epochs)]
+    if best.name in whole.index:
+        return own, f"the best trial's best epoch ({own}): it ran its course"
+    if len(whole):
+        model = whole.loc[whole["best_val_mae"].idxmin()]
+        theirs = max(1, int(model.get("best_epoch", 0) or 0) or int(model["epochs"]))
+        epochs = max(theirs, own)
+        return epochs, (f"{epochs} epochs: the best trial was cut short at epoch {int(best['epochs'])}, so "
+                        f"the best epoch ({theirs}) of the best trial that ran its course ({model['trial_id']})"
+                        + (f", raised to the best trial's own best epoch ({own})" if own > theirs else ""))
+    return cfg.train.epochs, (f"train.epochs ({cfg.train.epochs}): no trial ran its course (ASHA or a budget "
+                              f"cut them all), so none has shown how many epochs it needs")
 
 
 def retrain_best(cfg_dict: dict, splits, exp, checkpoints=()) -> dict:
@@ -250,12 +310,13 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
     trials = collect_trials(results, cfg, progress)
     write_trials_csv(trials, local_dir / "trials.csv")
     tuned, best = best_config(cfg, trials)
+    epochs_rule = retrain_epochs(cfg, candidates(trials), best)[1]
     save_config(tuned, local_dir / "best_config.yaml")
     gpu_seconds = float(trials["time_s"].sum()) * cfg.tune.resources.gpu
     retrained = None
     if cfg.tune.retrain:
         print(f"retraining the best config ({best['trial_id']}, val MAE {best['best_val_mae']:.2f}) "
-              f"for {tuned.train.epochs} epochs on train + val ...")
+              f"for {tuned.train.epochs} epochs on train + val ({epochs_rule}) ...")
         members = member_checkpoints(results, trials, best["trial_id"], cfg.tune.ensemble_top_k)
         retrained = run_retrain(tuned, splits, exp, members)
         print(f"retrained on {retrained['node']} with {retrained['gpus']} GPU(s), {retrained['replicas']} "
@@ -271,7 +332,8 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
                  "params": {k[6:]: best[k] for k in trials.columns if k.startswith("param.")},
                  "epochs": int(best["epochs"])},
         "test_metrics": retrained and retrained["test_metrics"],
-        "retrain_epochs": retrained and retrained["epochs"],
+        "retrain_epochs": retrained and retrained["epochs"], "retrain_epochs_rule": epochs_rule,
+        "budget_stop": budget_note(cfg, progress),
         "retrain": retrained and {k: v for k, v in retrained.items() if k != "test_metrics"},
         "predictions_csv": str(local_dir / "final" / "test_predictions.csv") if retrained else None,
         "wall_time_s": time.time() - started, "search_time_s": max(search_seconds, progress["elapsed_s"]),
