@@ -96,6 +96,40 @@ def test_a_grace_period_longer_than_the_epochs_is_one_message_and_status_2(tmp_p
     assert "Traceback" not in err and not storage.exists()
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("tune.brackets=0", "tune.brackets"),
+    ("tune.brackets=two", "tune.brackets"),
+    ("tune.multivariate=maybe", "tune.multivariate"),
+    # demo: grace 2, rf 2, 6 epochs -> rungs at 2 and 4 before epoch 6 -> at most 3 brackets
+    ("tune.brackets=4", r"tune.brackets \(4\) is more than ASHA can use: .* 2 rung\(s\) before train.epochs "
+                        r"\(6\), so at most 3 bracket"),
+])
+def test_bad_scheduler_and_sampler_keys_are_one_message_and_status_2(tmp_path, capsys, setting, message):
+    import re
+
+    from tuning.search import main
+
+    storage = tmp_path / "experiments"
+    status = main(["--config", "configs/demo.yaml", "--set", "train.epochs=6", "--set", "tune.grace_period=2",
+                   "--set", "tune.reduction_factor=2", "--set", setting, "--set", f"tune.storage_path={storage}"])
+    err = capsys.readouterr().err
+    assert status == 2 and re.search(message, err), err
+    assert "Traceback" not in err and not storage.exists()
+
+
+def test_scheduler_and_sampler_keys_reach_asha_and_tpe():
+    from tuning.config import load_search_config, max_brackets
+    from tuning.study import make_sampler
+
+    assert max_brackets(1, 9, 3) == 3 and max_brackets(1, 10, 3) == 4 and max_brackets(2, 2, 2) == 1
+    cfg = load_search_config("configs/demo.yaml", ["train.epochs=6", "tune.grace_period=2",
+                                                   "tune.reduction_factor=2", "tune.brackets=3",
+                                                   "tune.multivariate=false"])
+    assert cfg.tune.brackets == 3 and make_sampler(cfg)._multivariate is False
+    default = load_search_config("configs/demo.yaml")
+    assert default.tune.brackets == 1 and make_sampler(default)._multivariate is True  # Optuna 5's own default
+
+
 def test_the_default_configs_example_study_url_is_one_the_search_takes(tmp_path):
     import re
     from pathlib import Path

@@ -249,6 +249,22 @@ def test_lab_is_deterministic_for_a_seed_and_writes_its_outputs(tmp_path, lab_se
     assert (tmp_path / "lab.png").stat().st_size > 1000 and "reaches random" in capsys.readouterr().out
 
 
+def test_methods_vary_the_configs_own_brackets_and_tpe(tmp_path):
+    """The lab builds its methods from the keys a search runs with (tune.brackets, tune.multivariate)."""
+    from tuning.simulator import make_scheduler, make_study
+
+    recipe = {"learning_rate": 1e-3, "dropout": 0.2}
+    # 4 epochs, grace 1, rf 3: rungs at epochs 1 and 3, so at most 3 brackets
+    cfg = load_search_config(write_config(tmp_path, brackets=2, multivariate=False))
+    methods = {m.name: m for m in make_methods(cfg, recipe)}
+    assert methods["default"].brackets == 2 and len(make_scheduler(methods["default"], EPOCHS)._brackets) == 2
+    assert {"hyperband 2", "hyperband 3"} <= set(methods) and "hyperband 4" not in methods
+    assert make_study(methods["default"], cfg, 0).sampler._multivariate is False  # the config's TPE
+    assert make_study(methods["tpe+asha multivariate"], cfg, 0).sampler._multivariate is True
+    shipped = {m.name: m for m in make_methods(load_search_config(write_config(tmp_path)), recipe)}
+    assert shipped["default"].brackets == 1 and "tpe+asha independent" in shipped
+
+
 def test_stopped_trials_are_told_as_shipped_or_as_the_truth():
     import optuna
 

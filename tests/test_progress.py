@@ -67,13 +67,59 @@ def test_asha_rungs_survive_a_resume(tmp_path):
 
     # a resume unpickles both from the experiment; the rungs come back from search_state.json
     restored_progress, restored = pickle.loads(pickle.dumps((progress, scheduler)))
-    assert restored_progress.state["rungs"]["1"] == {"a": -10.0, "b": -11.0, "c": -12.0, "d": -30.0}
+    assert restored_progress.state["rungs"][0]["1"] == {"a": -10.0, "b": -11.0, "c": -12.0, "d": -30.0}
     restored.on_trial_add(None, trial("e"))
     assert feed(restored, [("e", 1, 40.0)]) == [TrialScheduler.STOP]
     # Ray's own ASHA, restored, has empty rungs: it lets the same trial go on
     plain = pickle.loads(pickle.dumps(ASHAScheduler(**asha)))
     plain.on_trial_add(None, trial("e"))
     assert plain.on_trial_result(None, trial("e"), {"epoch": 1, "val_mae": 40.0}) == TrialScheduler.CONTINUE
+
+
+def test_every_brackets_rungs_and_each_trials_bracket_survive_a_resume(tmp_path):
+    """Hyperband-style ASHA (2 brackets): a resume brings back both brackets' rungs, and a restored
+    trial rejoins the bracket it was drawn into (Ray would draw it again at random)."""
+    import numpy as np
+
+    exp = experiment(tmp_path)
+    asha = dict(time_attr="epoch", metric="val_mae", mode="min", max_t=9, grace_period=1, reduction_factor=3,
+                brackets=2)  # bracket 0: rungs at epochs 1 and 3; bracket 1: at epoch 3
+    progress = SearchProgress(exp, 0, 0, 0)
+    scheduler = Scheduler(progress, **asha)
+    at_start = pickle.dumps((progress, scheduler))  # as tuner.pkl holds them: empty rungs
+    np.random.seed(4)  # draws 3 of the 8 trials into the second bracket
+    for t in "abcdefgh":
+        scheduler.on_trial_add(None, trial(t))
+    home = {t: scheduler._brackets.index(b) for t, b in scheduler._trial_info.items()}
+    second = [t for t in "abcdefgh" if home[t] == 1]
+    assert len(second) >= 2 and 0 in home.values(), home  # both brackets hold trials
+    late = second[-1]  # still short of epoch 3 when the search stops
+    feed(scheduler, [(t, 1, 10.0 + i) for i, t in enumerate("abcdefgh")])
+    feed(scheduler, [(t, 3, 5.0 + i) for i, t in enumerate("abcdefgh") if t != late])
+    rungs = [{m: dict(r) for m, r in b._rungs} for b in scheduler._brackets]
+    assert all(any(r for r in bracket.values()) for bracket in rungs)  # values in both brackets
+    progress.save()
+
+    restored_progress, restored = pickle.loads(at_start)  # a resume; the state comes from search_state.json
+    np.random.seed(1)  # Ray draws brackets again for the trials a resume restores (all into the first)
+    for t in "abcdefgh":
+        restored.on_trial_add(None, trial(t))
+    assert {t: restored._brackets.index(b) for t, b in restored._trial_info.items()} == home
+    assert [{m: dict(r) for m, r in b._rungs} for b in restored._brackets] == rungs
+    # the second bracket's restored rung decides: worse than its epoch-3 values, the trial stops
+    assert feed(restored, [(late, 3, 50.0)]) == [TrialScheduler.STOP]
+
+
+def test_a_state_saved_before_brackets_were_kept_restores_the_first_bracket(tmp_path):
+    exp = experiment(tmp_path)
+    exp.local_dir.mkdir(parents=True)
+    (exp.local_dir / STATE_FILE).write_text(json.dumps({"rungs": {"1": {"a": -10.0, "b": -11.0}}}))
+    progress = pickle.loads(pickle.dumps(SearchProgress(exp, 0, 0, 0)))
+    scheduler = Scheduler(progress, time_attr="epoch", metric="val_mae", mode="min", max_t=9, grace_period=1,
+                          reduction_factor=3)
+    scheduler.on_trial_add(None, trial("c"))
+    assert dict(scheduler._brackets[0]._rungs[-1][1]) == {"a": -10.0, "b": -11.0}
+    assert feed(scheduler, [("c", 1, 30.0)]) == [TrialScheduler.STOP]
 
 
 class OneAtATime(Searcher):

@@ -36,9 +36,12 @@ class TuneConfig:
     num_samples: int = field(default=8, metadata=_range(1))
     max_concurrent_trials: int = field(default=2, metadata=_range(0))  # 0 = as many as the resources fit
     n_startup_trials: int = field(default=3, metadata=_range(0))  # random trials before TPE
+    # TPE models the parameters jointly (multivariate TPE); true is what Optuna 5 ran by default
+    multivariate: bool = True
     seed: int = 0
     grace_period: int = field(default=1, metadata=_range(1))  # epochs before ASHA may stop a trial
     reduction_factor: float = field(default=2.0, metadata=_range(1.01))
+    brackets: int = field(default=1, metadata=_range(1))  # ASHA's brackets; more = Hyperband-style
     time_budget_s: float = field(default=0.0, metadata=_range(0.0))  # 0 = none
     gpu_hours_budget: float = field(default=0.0, metadata=_range(0.0))  # 0 = none
     checkpoint_every: int = field(default=1, metadata=_range(1))  # epochs between trial checkpoints
@@ -83,5 +86,21 @@ def load_search_config(path=None, overrides=()) -> SearchConfig:
         raise InputError(f"tune.grace_period ({cfg.tune.grace_period}) is more than train.epochs "
                          f"({cfg.train.epochs}), the most epochs a trial trains: lower tune.grace_period "
                          f"or raise train.epochs")
+    most = max_brackets(cfg.tune.grace_period, cfg.train.epochs, cfg.tune.reduction_factor)
+    if cfg.tune.brackets > most:
+        raise InputError(f"tune.brackets ({cfg.tune.brackets}) is more than ASHA can use: from tune.grace_period "
+                         f"({cfg.tune.grace_period}) at tune.reduction_factor {cfg.tune.reduction_factor:g} it has "
+                         f"{most - 1} rung(s) before train.epochs ({cfg.train.epochs}), so at most {most} bracket(s) "
+                         f"(the last stops nothing); lower tune.brackets")
     parse_space(cfg)  # a bad space is an error now, not after Ray has started
     return cfg
+
+
+def max_brackets(grace_period: int, max_t: int, reduction_factor: float) -> int:
+    """The most brackets Ray's ASHAScheduler can use: its first bracket's rungs before max_t (at
+    grace_period x reduction_factor^k), plus one. Bracket s starts s rungs later, so the last of
+    these has no rung before max_t (it stops nothing, as Hyperband's last bracket); more would repeat it."""
+    rungs, milestone = 0, float(grace_period)
+    while milestone < max_t:
+        rungs, milestone = rungs + 1, milestone * reduction_factor
+    return rungs + 1

@@ -7,7 +7,8 @@ Every method runs `--seeds` times per worker count in simulated time (`tuning.si
 real TPE sampler and ASHA scheduler, curves from the table, each new trial charged the recorded
 start-up) against the table of `tuning.curves`. `--config` is the config the table was recorded
 with: its `tune.space`, `train.epochs`, and the shipped `grace_period`, `reduction_factor`,
-`n_startup_trials` and `points_to_evaluate` that the methods vary around. A budget of B is B
+`brackets`, `multivariate`, `n_startup_trials` and `points_to_evaluate` that the methods vary
+around. A budget of B is B
 full trials (B x (train.epochs + start-up) epoch-units, all workers together).
 
 For each method, worker count and budget it prints and writes the interquartile mean (IQM) over
@@ -37,6 +38,7 @@ import numpy as np
 
 from boneage.config import write_atomic
 from boneage.errors import EXIT_BAD_INPUT, InputError
+from tuning.config import max_brackets
 from tuning.simulator import Method, Surrogate, best_at, one_epoch_top_k, simulate
 
 TOP_K = "one-epoch top-k"
@@ -44,7 +46,9 @@ STEPS = 8  # points per full trial of the best-so-far curves
 
 
 def make_methods(cfg, recipe: dict | None) -> list[Method]:
-    """The methods compared; grace period and reduction factor around the config's own."""
+    """The methods compared: grace period, reduction factor, brackets and TPE's multivariate
+    around the config's own (`tune.*`, the keys a search runs with); "default" is the config as
+    shipped (its brackets, its TPE, the recipe and its points_to_evaluate first)."""
     t, epochs = cfg.tune, cfg.train.epochs
     gp, rf = t.grace_period, t.reduction_factor
     methods = [Method("random", "random"), Method("tpe"),
@@ -56,11 +60,15 @@ def make_methods(cfg, recipe: dict | None) -> list[Method]:
             methods.append(Method(f"tpe+asha grace {g}", grace_period=g, reduction_factor=rf))
     for r in sorted({2.0, 4.0} - {float(rf)}):
         methods.append(Method(f"tpe+asha rf {r:g}", grace_period=gp, reduction_factor=r))
-    methods += [Method(f"hyperband {b}", grace_period=gp, reduction_factor=rf, brackets=b) for b in (2, 3)]
+    most = max_brackets(gp, epochs, rf)  # as tune.brackets is checked: more would repeat the last
+    methods += [Method(f"hyperband {b}", grace_period=gp, reduction_factor=rf, brackets=b)
+                for b in sorted({2, 3, t.brackets} - {1}) if b <= most]
+    methods.append(Method(f"tpe+asha {'independent' if t.multivariate else 'multivariate'}", grace_period=gp,
+                          reduction_factor=rf, multivariate=not t.multivariate))
     methods.append(Method(TOP_K, "random"))
     if recipe is not None:
         methods.append(Method("recipe", "recipe"))
-        methods.append(Method("default", grace_period=gp, reduction_factor=rf,
+        methods.append(Method("default", grace_period=gp, reduction_factor=rf, brackets=t.brackets,
                               points=(recipe, *map(dict, t.points_to_evaluate))))
     return methods
 

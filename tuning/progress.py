@@ -10,8 +10,8 @@ spent: after `--resume`, ASHA would start with empty rungs (its next decisions c
 with nothing) and `tune.time_budget_s` and `tune.gpu_hours_budget` would start again from zero,
 the cost guard of a multi-day run on rented GPUs. So `search_state.json` in the experiment folder
 keeps: the seconds the search has run in earlier sessions, each trial's running seconds, ASHA's
-rungs and the trials it stopped, and which budget (if any) ended the search. It is written on
-every result and copied into the storage when a trial starts or ends and when the search stops;
+rungs (every bracket's) and each trial's bracket, the trials it stopped, and which budget (if any)
+ended the search. It is written on every result and copied into the storage when a trial starts or ends and when the search stops;
 `--resume` fetches it back (never over a newer local copy).
 
 The scheduler also enforces `tune.max_concurrent_trials` on every trial it starts, including
@@ -37,7 +37,8 @@ STATE_FILE = "search_state.json"
 def load_state(exp) -> dict:
     path = exp.local_dir / STATE_FILE
     state = json.loads(path.read_text()) if path.is_file() else {}
-    return {"elapsed_s": 0.0, "trial_seconds": {}, "rungs": {}, "asha_stopped": [], "budget_stop": None, **state}
+    return {"elapsed_s": 0.0, "trial_seconds": {}, "rungs": [], "trial_brackets": {}, "asha_stopped": [],
+            "budget_stop": None, **state}
 
 
 class SearchProgress(tune.Callback, tune.Stopper):
@@ -116,8 +117,15 @@ class SearchProgress(tune.Callback, tune.Stopper):
 
 
 class Scheduler(ASHAScheduler):
-    """ASHA on validation MAE, whose rungs survive a resume, which records the trials it stops,
-    and which never runs more than `max_running` trials at once (0 = no limit)."""
+    """ASHA on validation MAE (Hyperband-style with `brackets` > 1), whose rungs survive a resume,
+    which records the trials it stops, and which never runs more than `max_running` trials at once
+    (0 = no limit).
+
+    The saved state holds every bracket's rungs ("rungs": one {milestone: {trial: value}} per
+    bracket; a dict is a state saved before brackets were kept: the first bracket's) and each
+    trial's bracket ("trial_brackets"): Ray draws a trial's bracket at random when the trial is
+    added, which a resume does again for the trials it restores, so a restored trial is put back
+    into the bracket whose rungs hold its earlier epochs."""
 
     def __init__(self, progress: SearchProgress, max_running: int = 0, **asha):
         super().__init__(**asha)
@@ -129,20 +137,28 @@ class Scheduler(ASHAScheduler):
         self._restored = False
 
     def _restore(self) -> None:
-        """Fill the (single) bracket's rungs from the saved state, once."""
+        """Fill every bracket's rungs from the saved state, once."""
         if self._restored:
             return
         self._restored = True
-        for milestone, recorded in self._brackets[0]._rungs:
-            recorded.update(self.progress.state["rungs"].get(f"{milestone:g}", {}))
+        saved = self.progress.state.get("rungs") or []
+        saved = [saved] if isinstance(saved, dict) else saved
+        for bracket, rungs in zip(self._brackets, saved):
+            for milestone, recorded in bracket._rungs:
+                recorded.update(rungs.get(f"{milestone:g}", {}))
 
     def _record(self) -> None:
-        self.progress.state["rungs"] = {f"{milestone:g}": dict(recorded)
-                                        for milestone, recorded in self._brackets[0]._rungs}
+        self.progress.state["rungs"] = [{f"{milestone:g}": dict(recorded) for milestone, recorded in bracket._rungs}
+                                        for bracket in self._brackets]
 
     def on_trial_add(self, tune_controller, trial):
         self._restore()
         super().on_trial_add(tune_controller, trial)
+        brackets = self.progress.state.setdefault("trial_brackets", {})
+        if trial.trial_id in brackets and brackets[trial.trial_id] < len(self._brackets):
+            self._trial_info[trial.trial_id] = self._brackets[brackets[trial.trial_id]]  # a restored trial
+        else:
+            brackets[trial.trial_id] = self._brackets.index(self._trial_info[trial.trial_id])
         if self.max_running and trial.status == Trial.PENDING:
             self._hold_restored(tune_controller, trial)
 

@@ -68,7 +68,7 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
     progress = SearchProgress(exp, cfg.tune.time_budget_s, cfg.tune.gpu_hours_budget, cfg.tune.resources.gpu)
     scheduler = Scheduler(progress, max_running=cfg.tune.max_concurrent_trials, time_attr="epoch",
                           max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
-                          reduction_factor=cfg.tune.reduction_factor)
+                          reduction_factor=cfg.tune.reduction_factor, brackets=cfg.tune.brackets)
     searcher = make_searcher(cfg, parse_space(cfg), url, exp.name, METRIC, MODE, exp=exp)
     if cfg.tune.max_concurrent_trials:
         searcher = Limiter(searcher, max_concurrent=cfg.tune.max_concurrent_trials)

@@ -55,6 +55,7 @@ class Method:
     reduction_factor: float = 3.0
     brackets: int = 1
     truthful: bool = True  # stopped trials told PRUNED (False: COMPLETE, as Ray 2.60 tells them)
+    multivariate: bool | None = None  # TPE's tune.multivariate; None: the config's
     points: tuple = ()  # enqueued first, in order
 
 
@@ -150,7 +151,10 @@ def make_study(method: Method, cfg, seed: int):
     from tuning.study import make_sampler
 
     if method.searcher == "tpe":
-        sampler = make_sampler(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, seed=seed)))
+        tune = dataclasses.replace(cfg.tune, seed=seed)
+        if method.multivariate is not None:
+            tune.multivariate = method.multivariate
+        sampler = make_sampler(dataclasses.replace(cfg, tune=tune))
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed)
     study = optuna.create_study(direction="minimize", sampler=sampler)
@@ -164,7 +168,7 @@ def make_scheduler(method: Method, epochs: int):
 
     if not method.grace_period:
         return None
-    state = SimpleNamespace(state={"rungs": {}, "asha_stopped": []})  # what SearchProgress would save
+    state = SimpleNamespace(state={"rungs": [], "trial_brackets": {}, "asha_stopped": []})  # what SearchProgress would save
     return Scheduler(state, max_running=0, time_attr="epoch", metric="val_mae", mode="min", max_t=epochs,
                      grace_period=method.grace_period, reduction_factor=method.reduction_factor,
                      brackets=method.brackets)

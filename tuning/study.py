@@ -348,8 +348,10 @@ def make_sampler(cfg):
 
     # constant_liar: trials still running count as bad results, so concurrent trials do not all
     # get the same suggestion (Optuna 5 defaults to it; set here so an older Optuna does too).
+    # multivariate: set either way, as Optuna 5's default (None) is multivariate for one objective
+    # and an older Optuna's independent, so the config says which TPE runs.
     return optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.n_startup_trials,
-                                      constant_liar=True)
+                                      multivariate=cfg.tune.multivariate, constant_liar=True)
 
 
 def make_searcher(cfg, space: dict, url: str, study_name: str, metric: str, mode: str, exp=None) -> StudySearch:
