@@ -74,8 +74,10 @@ def cmd_train(args) -> int:
     from boneage import runtime
     from boneage.train import run
 
-    print(runtime.configure(cfg.train.intra_op_threads, cfg.train.inter_op_threads, None,
-                            cfg.train.mixed_precision).describe())
+    # the first TensorFlow work of a CLI process, so this sets it up; called in a process that
+    # already set TensorFlow up (the tests call the CLI in-process), it keeps that setup
+    print(runtime.ensure_configured(cfg.train.intra_op_threads, cfg.train.inter_op_threads,
+                                    cfg.train.mixed_precision).describe())
     results = run(cfg, out)
     if "test" in results:
         print(f"test MAE {results['test']['mae']:.2f} months "

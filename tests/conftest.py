@@ -12,6 +12,33 @@ SAMPLE_DATA = os.environ.get("BONEAGE_SAMPLE_DATA")
 needs_sample = pytest.mark.skipif(not SAMPLE_DATA, reason="set BONEAGE_SAMPLE_DATA to an RSNA-layout folder")
 
 
+# The costliest modules first (quiet 2-core figures in tests/README.md): the README's command
+# runs two pytest-xdist workers, each taking a whole module at a time (`--dist loadfile`, in this
+# order with `--no-loadscope-reorder`), so the long ones start at once and the short ones fill in
+# behind them; a module's fixtures are then built by one worker only. Unlisted modules come last.
+COSTLIEST_FIRST = ["test_learning", "test_search", "test_multinode", "test_faults", "test_postgres",
+                   "test_trial_reliability", "test_ray_gpus", "test_mirrored", "test_reliability", "test_gpu_setup",
+                   "test_head_loss", "test_phases", "test_train_export", "test_retrain_resume", "test_lab",
+                   "test_study_truth", "test_prepare", "test_phantom", "test_bad_input", "test_no_surprises"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module's own order stays
+
+
+def pytest_configure(config):
+    """Before any worker starts: the Ray auth token that every local Ray of this user reads
+    (~/.ray/auth_token). Ray writes it on its first start when it is missing; two xdist workers
+    starting their first Ray at once would each write their own, and one would then hold the
+    other's token."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or (Path.home() / ".ray" / "auth_token").exists():
+        return
+    from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+    generate_and_save_token()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prepared_cache_home(tmp_path_factory) -> Path:
     """Prepared images (boneage.prepare) of this session go to its own folder, not ~/.cache;

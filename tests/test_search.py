@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.browser import assert_rendered_page, dump_dom, images_loaded, screenshot, table_column
-from tests.conftest import needs_sample
+from tests.conftest import HEAD_ONLY, needs_sample
 from tests.test_study_truth import assert_study_agrees
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,7 @@ def finished_search(tmp_path_factory, phantom_root):
     tmp_path = tmp_path_factory.mktemp("search")
     root = Path(shutil.copytree(phantom_root, tmp_path / "data"))
     config = search_config(tmp_path, root, GOOD_RATES + [BAD_RATE], export_ensemble=True, ensemble_top_k=3,
-                           gallery_size=4, mlflow=True)
+                           gallery_size=4, mlflow=True, frozen_layers=HEAD_ONLY)
     manifest = prepare_then_spoil(root, config)
     proc = run_search("--config", str(config), "--name", "tiny")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
