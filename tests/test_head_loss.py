@@ -73,11 +73,22 @@ def stored_results(experiment: str) -> dict[str, list[dict]]:
 
 def mid_search(experiment: str) -> bool:
     """A trial has finished, and another is in flight with its last epoch's checkpoint in the
-    storage: a stop now must keep the one and continue the other."""
+    storage and in the experiment state there: a stop now must keep the one and continue the
+    other. (Ray uploads its experiment state at most once a second here, in the background: a
+    head killed before the state that knows a trial reached the storage loses that trial, which
+    a resume then cannot continue. A snapshot torn by the kill, its searcher state older or newer
+    than its trials, is survived: see the tests of the pieces below.)"""
     files, results = s3_files(experiment), stored_results(experiment)
+    states = []
+    for path in (f for f in files if f.startswith("experiment_state") and f.endswith(".json")):
+        try:
+            states.append(s3_read(f"{experiment}/{path}"))
+        except OSError:  # an upload in flight
+            continue
     done = [t for t, lines in results.items() if lines and lines[-1]["epoch"] == EPOCHS]
     flying = [t for t, lines in results.items() if lines and lines[-1]["epoch"] < EPOCHS
-              and f"{t}/checkpoint_{lines[-1]['epoch'] - 1:06d}/state.json" in files]
+              and f"{t}/checkpoint_{lines[-1]['epoch'] - 1:06d}/state.json" in files
+              and any(lines[-1]["trial_id"] in state for state in states)]
     return bool(done and flying)
 
 
@@ -300,3 +311,62 @@ def test_a_searcher_mapped_to_a_waiting_entry_raises(tmp_path):
     search._ot_trials["b"] = optuna.Trial(search._ot_study, waiting._trial_id)  # as unpickled from a stale copy
     with pytest.raises(RuntimeError, match="is WAITING"):
         search.on_trial_complete("b", {"epoch": 2, "val_mae": 30.0, "ended": "completed", "best_val_mae": 30.0})
+
+
+def test_a_trial_the_restored_searcher_never_suggested_is_adopted(tmp_path):
+    """What CI met once: the head killed while Ray uploaded a snapshot left an experiment state
+    newer than the searcher state, so a restored trial reported to a searcher that never suggested
+    it (KeyError). It is mapped to the study entry that names it, or, if the study lacks one too,
+    given a new entry from its configuration; either way its end is told like any other's."""
+    from tuning.config import load_search_config
+    from tuning.space import parse_space
+    from tuning.study import RAY_TRIAL, fail_running_trials, make_searcher, study_url
+
+    cfg = load_search_config(None, ["train.epochs=2", "tune.space={learning_rate: {loguniform: [1.0e-5, 1.0]}}",
+                                    "tune.points_to_evaluate=[]", "tune.n_startup_trials=5"])
+    search = make_searcher(cfg, parse_space(cfg), study_url(cfg, tmp_path), "adopt", "val_mae", "min")
+    rate_a = search.suggest("a")["learning_rate"]
+    fail_running_trials(search._ot_study._storage, "adopt")  # the crash: "a"'s entry closed
+    del search._ot_trials["a"]  # a searcher state from before "a" was suggested
+    search.on_trial_result("a", {"epoch": 1, "val_mae": 31.0, "config/learning_rate": rate_a})
+    search.on_trial_complete("a", {"epoch": 2, "val_mae": 30.0, "ended": "completed", "best_val_mae": 30.0,
+                                   "config": {"learning_rate": rate_a}})
+    # a trial neither the searcher nor the study knew: a new entry with its own rate
+    search.on_trial_result("b", {"epoch": 1, "val_mae": 33.0, "config/learning_rate": 0.02})
+    search.on_trial_complete("b", {"epoch": 1, "val_mae": 33.0, "ended": "", "config": {"learning_rate": 0.02}})
+    search.on_trial_complete("c", None, error=True)  # an error with no result: nothing to learn, no crash
+    entries = [(t.state.name, t.user_attrs.get(RAY_TRIAL), t.params["learning_rate"], t.value,
+                dict(t.intermediate_values)) for t in search._ot_study.get_trials(deepcopy=False)]
+    assert entries == [("FAIL", "a", rate_a, None, {}),
+                       ("COMPLETE", "a", rate_a, 30.0, {1: 31.0, 2: 30.0}),
+                       ("PRUNED", "b", 0.02, 33.0, {1: 33.0})], entries
+
+
+def test_a_resumed_limiter_forgets_trials_ray_does_not_know():
+    """The other half of a torn snapshot: a searcher state newer than the experiment state. The
+    limiter's ghost trial would hold a slot forever; the scheduler drops it once, after a resume."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.search import Searcher
+
+    from tuning.progress import Limiter, Scheduler
+
+    limiter = Limiter(Searcher(metric="val_mae", mode="min"), max_concurrent=1)
+    limiter.live_trials, limiter.num_unfinished_live_trials = {"ghost", "known"}, 2
+    controller = SimpleNamespace(search_alg=SimpleNamespace(searcher=limiter),
+                                 get_trials=lambda: [SimpleNamespace(trial_id="known", status="RUNNING")])
+    fresh = Scheduler(SimpleNamespace(), max_running=0, metric="val_mae", mode="min", time_attr="epoch", max_t=2)
+    fresh._forget_ghosts(controller)  # a search that was not resumed: left alone
+    assert limiter.live_trials == {"ghost", "known"}
+    resumed = pickle.loads(pickle.dumps(fresh))
+    resumed._forget_ghosts(controller)
+    assert limiter.live_trials == {"known"} and limiter.num_unfinished_live_trials == 1
+
+    # the count of trials created, from the trials Ray restored (tags "1_...", "3_..."), up or down
+    for saved in (1, 5):
+        generator = SimpleNamespace(_counter=saved)
+        restored = SimpleNamespace(search_alg=generator, get_trials=lambda: [
+            SimpleNamespace(experiment_tag="1_learning_rate=0.001"), SimpleNamespace(experiment_tag="3_lr=0.1")])
+        Scheduler._count_restored(restored)
+        assert generator._counter == 3, saved

@@ -134,7 +134,7 @@ class Scheduler(ASHAScheduler):
 
     def __setstate__(self, state):  # unpickled by a resume: rebuild the rungs on first use
         self.__dict__.update(state)
-        self._restored = False
+        self._restored = self._ghosts_checked = False
 
     def _restore(self) -> None:
         """Fill every bracket's rungs from the saved state, once."""
@@ -159,8 +159,24 @@ class Scheduler(ASHAScheduler):
             self._trial_info[trial.trial_id] = self._brackets[brackets[trial.trial_id]]  # a restored trial
         else:
             brackets[trial.trial_id] = self._brackets.index(self._trial_info[trial.trial_id])
+        if self.__dict__.get("_ghosts_checked") is False:  # a trial a resume restored
+            self._count_restored(tune_controller)
         if self.max_running and trial.status == Trial.PENDING:
             self._hold_restored(tune_controller, trial)
+
+    @staticmethod
+    def _count_restored(tune_controller) -> None:
+        """The search's trial count (how many it has created, against `num_samples`) as the
+        trials Ray restored say, not as the saved count says: a snapshot torn by a killed head
+        can hold a count older or newer than its trials (one file each), and the search would
+        then run more trials than asked, or fewer. A trial's tag starts with its number."""
+        generator = getattr(tune_controller, "search_alg", None)
+        if generator is None:
+            return
+        numbers = [int(t.experiment_tag.split("_")[0]) for t in tune_controller.get_trials()
+                   if t.experiment_tag and t.experiment_tag.split("_")[0].isdigit()]
+        if numbers and hasattr(generator, "_counter"):
+            generator._counter = max(numbers)
 
     def _hold_restored(self, tune_controller, trial) -> None:
         """A trial that `--resume` brings back (running or errored when the search stopped) was
@@ -177,6 +193,22 @@ class Scheduler(ASHAScheduler):
         waiting = sum(t.status == Trial.PENDING for t in tune_controller.get_trials() if t is not trial)
         if waiting >= self.max_running:
             trial.set_status(Trial.PAUSED)
+
+    def _forget_ghosts(self, tune_controller) -> None:
+        """Once after a resume, when every restored trial is back: the limiter's live trials that
+        Ray does not know. A head killed while it uploaded a snapshot can leave a searcher state
+        newer than the experiment state (Ray uploads a snapshot's files one by one): a trial
+        suggested just before the kill is then live for the limiter and never ends, and with
+        `max_concurrent_trials` such ghosts would hold the search's slots forever."""
+        if self.__dict__.get("_ghosts_checked", True):
+            return
+        self._ghosts_checked = True
+        limiter = getattr(getattr(tune_controller, "search_alg", None), "searcher", None)
+        live = getattr(limiter, "live_trials", None)
+        if live:
+            ghosts = live - {t.trial_id for t in tune_controller.get_trials()}
+            live -= ghosts
+            limiter.num_unfinished_live_trials -= len(ghosts)
 
     def on_trial_result(self, tune_controller, trial, result):
         self._restore()
@@ -203,6 +235,7 @@ class Scheduler(ASHAScheduler):
 
     def choose_trial_to_run(self, tune_controller):
         self._restore()
+        self._forget_ghosts(tune_controller)
         if self.max_running:
             running = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in tune_controller.get_trials())
             if running >= self.max_running:

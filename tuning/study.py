@@ -207,17 +207,45 @@ class StudySearch(OptunaSearch):
 
     def _entry(self, trial_id) -> str:
         """'open' (running), 'closed' (failed by a crash or an error while Ray runs the trial again
-        after a resume: its end becomes a new entry) or 'done' (told, or added anew already)."""
+        after a resume: its end becomes a new entry), 'done' (told, or added anew already) or
+        'unknown' (a trial the searcher did not suggest: see `_adopt`)."""
         import optuna
 
         if trial_id in self.__dict__.get("_readded", ()):
             return "done"
+        if trial_id not in self._ot_trials:
+            return "unknown"
         entry = self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id)
         if entry.state == optuna.trial.TrialState.WAITING:  # it was asked for this trial: never so
             raise RuntimeError(f"study entry {entry.number} of Ray trial {trial_id} is WAITING: the study is "
                                f"older than the searcher's state (a copy from before the trial was suggested)")
         return "open" if entry.state == optuna.trial.TrialState.RUNNING else \
             "closed" if entry.state == optuna.trial.TrialState.FAIL else "done"
+
+    def _adopt(self, trial_id, result) -> str:
+        """A trial Ray restored that the restored searcher never suggested: a head killed while
+        it uploaded a snapshot can leave the storage with a newer experiment state than searcher
+        state (Ray uploads the files of a snapshot one by one). The study, copied at each suggest,
+        names its entry (`ray_trial_id`): mapped to it, the trial goes on as any other (a crash
+        closed that entry: its end becomes a new one). An entry the study lacks too is made from
+        the trial's configuration, so TPE learns from the trial all the same."""
+        import optuna
+
+        named = [e for e in self._ot_study.get_trials(deepcopy=False) if e.user_attrs.get(RAY_TRIAL) == trial_id]
+        if named:
+            entry_id = max(named, key=lambda e: e.number)._trial_id
+        else:
+            config = trial_config(result)
+            params = {name: config[name] for name in self._space if name in config}
+            if len(params) < len(self._space):  # an end without a result (an error): nothing to learn
+                return "unknown"
+            distributions = dict(self._space)
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                state=optuna.trial.TrialState.RUNNING, params=params, distributions=distributions,
+                user_attrs={RAY_TRIAL: trial_id}))
+            entry_id = self._ot_study.get_trials(deepcopy=False)[-1]._trial_id
+        self._ot_trials[trial_id] = optuna.Trial(self._ot_study, entry_id)
+        return self._entry(trial_id)
 
     def suggest(self, trial_id):
         config = super().suggest(trial_id)
@@ -235,6 +263,8 @@ class StudySearch(OptunaSearch):
         if value is None or not epoch:
             return
         entry = self._entry(trial_id)
+        if entry == "unknown":
+            entry = self._adopt(trial_id, result)
         if entry == "closed":  # kept for the entry that replaces the closed one
             self.__dict__.setdefault("_late", {}).setdefault(trial_id, {})[int(epoch)] = float(value)
         elif entry == "open" and int(epoch) not in self._ot_trials[trial_id]._cached_frozen_trial.intermediate_values:
@@ -243,7 +273,10 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id, result=None, error=False):
         import optuna
 
-        ot_trial, entry = self._ot_trials[trial_id], self._entry(trial_id)
+        entry = self._entry(trial_id)
+        if entry == "unknown":
+            entry = self._adopt(trial_id, result or {})
+        ot_trial = self._ot_trials.get(trial_id)
         max_epochs = self.__dict__.get("_max_epochs", 0)
         if entry == "closed":
             frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
@@ -285,6 +318,17 @@ class StudySearch(OptunaSearch):
     def restore(self, checkpoint_path: str):
         with open(checkpoint_path, "rb") as f:
             self.__setstate__(pickle.load(f))
+
+
+def trial_config(result: dict) -> dict:
+    """A Ray result's trial configuration, flattened as OptunaSearch names its parameters
+    ("a/b"): nested under "config" (a trial's last result) or already flat ("config/a/b", what
+    the controller passes the searcher per result)."""
+    from ray.tune.utils import flatten_dict
+
+    if isinstance(result.get("config"), dict):
+        return flatten_dict(result["config"], delimiter="/")
+    return {key[len("config/"):]: value for key, value in result.items() if key.startswith("config/")}
 
 
 def tell(study, ot_trial, steps: dict, state, value) -> None:
