@@ -92,7 +92,7 @@ def test_a_grace_period_longer_than_the_epochs_is_one_message_and_status_2(tmp_p
     status = main(["--config", "configs/demo.yaml", "--set", "train.epochs=1",
                    "--set", f"tune.storage_path={storage}"])
     err = capsys.readouterr().err
-    assert status == 2 and "tune.grace_period (2)" in err and "train.epochs (1)" in err
+    assert status == 2 and "tune.grace_period (3)" in err and "train.epochs (1)" in err
     assert "Traceback" not in err and not storage.exists()
 
 

@@ -125,6 +125,10 @@ def test_trials_csv_and_optuna_study_agree(finished_search):
     assert all(t.value is not None for t in finished)
     assert sorted(t.params["learning_rate"] for t in finished) == pytest.approx(rates)
     assert_study_agrees(experiment, "tiny")  # each trial's state as trials.csv's "why it ended" says
+    # all four were warm-start points, and the summary says TPE never got to suggest
+    story = json.loads((experiment / "summary.json").read_text())["search_story"]
+    assert story["suggested_by"] == {"points_to_evaluate": 4, "TPE start-up (random)": 0, "TPE's model": 0}, story
+    assert "TPE never suggested a trial from its model" in (experiment / "report.md").read_text()
 
 
 def test_best_config_is_the_lowest_reported_mae(finished_search):

@@ -24,6 +24,7 @@ import pandas as pd
 from boneage.config import write_atomic
 from boneage.evaluate import AGE_BANDS_YEARS
 from tuning.report import FAILED_NOTE, PARAM, Unavailable, _draw, _duration, _pyplot, failed_entries
+from tuning.story import story_lines
 
 REPORT = "report.html"
 STYLE = """
@@ -284,6 +285,7 @@ def write_html_report(experiment_dir, trials: pd.DataFrame, study, summary: dict
         ("trials", f"{len(trials)} ({_e(statuses)})"),
         ("retrain epochs", _e(summary.get("retrain_epochs_rule") or "-")),
         ("budget", _e(summary.get("budget_stop") or "not reached")),
+        ("the search", _e(" ".join(story_lines(summary["search_story"]))) if summary.get("search_story") else "-"),
         ("data", _e(", ".join(f"{k} {v}" for k, v in (summary.get("split_sizes") or {}).items()) or "-")),
         ("wall time, GPU-hours", f"{_duration(summary.get('wall_time_s'))}, {summary.get('gpu_hours') or 0:.2f}"),
         ("results", f"<code>{_e(summary.get('storage', out))}</code>"),

@@ -24,6 +24,7 @@ import pandas as pd
 
 from boneage.config import write_atomic
 from boneage.evaluate import format_metrics, plot_predictions
+from tuning.story import story_lines
 
 PARAM = "param."
 LIST_COLUMN = "val_mae_per_epoch"
@@ -303,6 +304,7 @@ def write_report(experiment_dir, trials: pd.DataFrame, study, summary: dict, plo
         (f"test MAE (retrained {_fmt(summary.get('retrain_epochs'))} epochs)", test_mae),
         ("retrain epochs chosen by", summary.get("retrain_epochs_rule") or "-"),
         ("budget", summary.get("budget_stop") or "not reached"),
+        ("the search", " ".join(story_lines(summary["search_story"])) if summary.get("search_story") else "-"),
         ("test MAE of the mean predictor", f"{test['mean_predictor_mae']:.2f} months" if test else "-"),
         ("trials", f"{len(trials)} ({statuses})"),
         ("wall time", _duration(summary.get("wall_time_s"))),
@@ -349,6 +351,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"Best trial {best.get('trial_id')}: validation MAE {best['val_mae']:.2f} months, "
                      f"{best.get('epochs')} epochs")
         lines += [f"  {k} = {_fmt(v)}" for k, v in (best.get("params") or {}).items()]
+    if summary.get("search_story"):
+        lines += story_lines(summary["search_story"])
     if summary.get("budget_stop"):
         lines.append(f"Budget: {summary['budget_stop']}.")
     if summary.get("retrain_epochs_rule"):

@@ -302,6 +302,7 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
     from tuning.study import STUDY_DB, open_storage, study_key, study_url
 
     from tuning.progress import load_state
+    from tuning.story import search_story
     from tuning.tracking import MLFLOW_DB
 
     local_dir = exp.local_dir
@@ -334,6 +335,7 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
         "test_metrics": retrained and retrained["test_metrics"],
         "retrain_epochs": retrained and retrained["epochs"], "retrain_epochs_rule": epochs_rule,
         "budget_stop": budget_note(cfg, progress),
+        "search_story": search_story(study, trials, cfg.tune.n_startup_trials),
         "retrain": retrained and {k: v for k, v in retrained.items() if k != "test_metrics"},
         "predictions_csv": str(local_dir / "final" / "test_predictions.csv") if retrained else None,
         "wall_time_s": time.time() - started, "search_time_s": max(search_seconds, progress["elapsed_s"]),

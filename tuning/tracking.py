@@ -29,15 +29,20 @@ def tracking_callbacks(cfg, exp) -> list:
     except ImportError:
         raise InputError("tune.mlflow is true but MLflow is not installed: "
                          "pip install -c constraints.txt -e '.[mlflow]'") from None
-    return [__getattr__("TrialRuns")(exp, cfg.tune.mlflow_tracking_uri, experiment_name=exp.name, save_artifact=False,
-                      tags={"project": "boneage-tune"})]
+    return [trial_runs_class()(exp, cfg.tune.mlflow_tracking_uri, experiment_name=exp.name, save_artifact=False,
+                               tags={"project": "boneage-tune"})]
 
 
 def __getattr__(name):
-    # TrialRuns subclasses Ray's MLflow callback, whose module imports MLflow (seconds): made on
-    # first use, also when Ray unpickles it (pickle finds it by name here)
+    # pickle finds the class by name here when Ray unpickles the callback
     if name != "TrialRuns":
         raise AttributeError(name)
+    return trial_runs_class()
+
+
+def trial_runs_class():
+    """TrialRuns subclasses Ray's MLflow callback, whose module imports MLflow (seconds): the
+    class is made on first use."""
     if "TrialRuns" in globals():
         return globals()["TrialRuns"]
     from ray.air.integrations.mlflow import MLflowLoggerCallback
