@@ -1,6 +1,17 @@
 """A search across nodes, for real on one machine: a Ray cluster of a head and two worker nodes
-(each advertising 2 CPUs and 1 logical GPU), the experiment in s3:// storage served by a local
-S3 server (moto, on 127.0.0.1), and a worker node removed while its trial runs.
+(each advertising 2 CPUs and 1 logical GPU) with their own disks (`tests.nodes`: a mount
+namespace each, their own HOME, caches and copy of the data, the driver's paths hidden), every
+node on 127.0.0.1, the experiment in s3:// storage served by a local S3 server (moto, on
+127.0.0.1), and a worker node killed (SIGKILL of all its processes) while its trial runs.
+
+Why its own cluster: no other test starts nodes that do not share the driver's disk. Cost: about
+4-5 minutes on two busy xdist workers (the search, a worker lost, the retrain, --retrain-only).
+
+Checks, before the search: a node sees neither the driver's experiment folder, nor its caches,
+nor its data (it sees its own copy there), and what it writes at the driver's paths stays on
+its own disk. The prepared images: one worker decoded them and published them into the storage,
+the other fetched them from there (its cache's manifest names the storage, with the same
+content key), never decoding.
 
 Checks: trials ran on both workers (Ray node ids in trials.csv), half-GPU trials at most two to
 a node, the trial on the lost node went on from its checkpoint on the other node (its epochs
@@ -20,6 +31,8 @@ import pytest
 import yaml
 
 from tests.conftest import HEAD_ONLY
+from tests.nodes import (LOOPBACK, WorkerNode, connected, driver_paths, head_address, skip_unless_mount_namespaces,
+                         wait_for_workers)
 from tests.s3 import BUCKET, s3_env, s3_files, s3_mtime, s3_read  # noqa: F401  (s3_env: a fixture)
 
 pytestmark = pytest.mark.slow
@@ -29,15 +42,26 @@ EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def three_nodes(s3_env):
-    """Head (no CPUs: trials never land there) + two workers with 2 CPUs and 1 logical GPU."""
+def three_nodes(s3_env, phantom_root, tmp_path_factory):
+    """Head (no CPUs: trials never land there) + two workers with 2 CPUs and 1 logical GPU, each
+    with its own disk and its own copy of the data, mounted at the driver's data path."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    yield cluster, workers
-    cluster.shutdown()
+    skip_unless_mount_namespaces()
+    disks = tmp_path_factory.mktemp("nodes")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": LOOPBACK})
+    workers = []
+    try:
+        for i in range(2):
+            copy = shutil.copytree(phantom_root, disks / f"node{i}-data")
+            (Path(copy) / f"node{i}.txt").write_text("this node's own copy")
+            workers.append(WorkerNode.start(cluster, disks / f"node{i}", hide=driver_paths(), data={phantom_root: copy}))
+        wait_for_workers(cluster, workers)
+        yield cluster, workers
+    finally:
+        for worker in workers:
+            worker.stop()
+        cluster.shutdown()
 
 
 def trials_on(node_id: str, experiment: str) -> list[dict]:
@@ -62,6 +86,29 @@ def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_
     cluster, workers = three_nodes
     name = "multinode"
     experiment = f"experiments/{name}"
+
+    # separate disks: the driver's files are not on the workers, nor the other way round
+    mine = [Path.home() / "boneage-experiments" / f".driver-only-{os.getpid()}",
+            Path(os.environ["XDG_CACHE_HOME"]) / f"driver-only-{os.getpid()}", Path(phantom_root) / "driver-only.txt"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the driver's")
+    written = Path.home() / "boneage-experiments" / f".from-a-worker-{os.getpid()}"
+    try:
+        for i, worker in enumerate(workers):
+            look = {"node_id": worker.node_id, "files": [str(p) for p in mine], "data_root": str(phantom_root),
+                    "written": str(written)}
+            probe = subprocess.run(connected([sys.executable, "-m", "tests.nodes", "look", head_address(cluster),
+                                              json.dumps(look)], tmp_path), capture_output=True, text=True,
+                                   cwd=REPO, timeout=300)
+            assert probe.returncode == 0, probe.stderr[-3000:]
+            seen = json.loads(probe.stdout.strip().splitlines()[-1])
+            assert seen["seen"] == [] and seen["home"] == str(worker.folder / "home"), seen
+            assert seen["data"] == [f"node{i}.txt"], seen  # its own copy at the driver's data path
+            assert not written.exists()  # it wrote on its own disk
+    finally:
+        for path in mine:
+            path.unlink(missing_ok=True)
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump({
         "data": {"source": "rsna", "root": str(phantom_root), "val_fraction": 0.25, "test_fraction": 0.2},
@@ -73,8 +120,8 @@ def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_
                  "ensemble_top_k": 1, "gallery_size": 0,  # the retrain's extras are tested in test_search
                  "space": {"learning_rate": {"loguniform": [1.0e-4, 1.0e-2]}},
                  "points_to_evaluate": [{"learning_rate": lr} for lr in RATES]}}))
-    driver = subprocess.Popen([sys.executable, "-m", "tuning.search", "--config", str(config), "--name", name,
-                               "--address", cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    driver = subprocess.Popen(connected([sys.executable, "-m", "tuning.search", "--config", str(config), "--name", name,
+                                         "--address", head_address(cluster)], tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, cwd=tmp_path,
                               env={**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
@@ -87,12 +134,23 @@ def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_
             time.sleep(1)
         assert driver.poll() is None, "the search ended before a trial on the second worker checkpointed"
         assert running, "no trial checkpointed on the second worker in time"
-        cluster.remove_node(lost, allow_graceful=False)
+        lost.kill()
         out, _ = driver.communicate(timeout=1200)
     finally:
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 0, out[-4000:]
+
+    # the prepared images: decoded by one worker and published, fetched by the other
+    manifests = [[json.loads(p.read_text()) for p in (w.cache / "boneage" / "prepared").glob("*.json")]
+                 for w in workers]
+    assert all(len(m) == 1 for m in manifests), manifests
+    (first,), (second,) = sorted(manifests, key=lambda m: "fetched" in m[0])
+    store = f"s3://{BUCKET}/experiments/prepared-images"
+    assert "fetched" not in first and second["fetched"] == store, (first.get("fetched"), second.get("fetched"))
+    key = first["content_key"]
+    assert second["content_key"] == key and f"{key}.json" in s3_files("experiments/prepared-images")
+    assert f"fetched prepared images {key}" in out and out.count("preparing ") == 1, out[-4000:]
 
     # every planned trial is accounted for, and finished all its epochs
     trials = pd.read_csv(pd.io.common.StringIO(s3_read(f"{experiment}/trials.csv")), dtype={"node_id": str})
@@ -133,8 +191,9 @@ def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_
     # an experiment with status 2
     trials_before, metrics_before = s3_read(f"{experiment}/trials.csv"), s3_mtime(f"{experiment}/test_metrics.json")
     shutil.rmtree(Path.home() / "boneage-experiments" / name)
-    again = subprocess.run([sys.executable, "-m", "tuning.search", "--retrain-only", f"s3://{BUCKET}/{experiment}",
-                            "--address", cluster.address], capture_output=True, text=True, timeout=900,
+    again = subprocess.run(connected([sys.executable, "-m", "tuning.search", "--retrain-only",
+                                      f"s3://{BUCKET}/{experiment}", "--address", head_address(cluster)], tmp_path),
+                           capture_output=True, text=True, timeout=900,
                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads(s3_read(f"{experiment}/summary.json"))["best"] == summary["best"]
