@@ -23,6 +23,12 @@ disk has the size and modification time it had when prepared (a missing image is
 the cache: after `prepare` the PNGs, even their folder, may go; `cached_folders` still finds
 the folder, `trusted_images` the images and their sizes). Anything else rebuilds it, into
 temporary names renamed into place, so a reader never sees half a cache.
+
+A cache can also come from elsewhere: `ensure_prepared(..., fetch=...)` first asks `fetch` (under
+the same lock) for a copy, which `tuning.prepared_store` finds in the search's storage by
+`content_key` (the images' ids and bytes, the resolution and `prepare_image`'s version: equal on
+every node holding the same images, wherever they are). A fetched cache's manifest says where it
+came from (`fetched`); every manifest records its `content_key`.
 """
 from __future__ import annotations
 

@@ -1,19 +1,20 @@
-"""Ray worker nodes with their own disks, on one machine: each is `ray start --address ... --block`
-in a mount namespace of its own (`unshare --mount`, as root), with its own HOME and
-XDG_CACHE_HOME, empty folders mounted over the driver's paths that a node on another host would
+"""Ray worker nodes with their own disks, on one machine: each is a Ray node process (what `ray
+start --address ... --block` runs) in a mount namespace of its own (`unshare --mount`, as
+root), with its own HOME and XDG_CACHE_HOME, empty folders mounted over the driver's paths that a node on another host would
 not have (the experiment folder, the caches, the data), and the node's own copy of the data
 mounted at the data's path. The Python installation and Ray's session folder stay shared. A node
 that reads or writes another node's path then fails, as it would across hosts.
 
-Every node binds 127.0.0.1. Ray turns an address of 127.0.0.1 or localhost given to `ray start`
-or `ray.init` into the machine's outward address (where the head does not listen), so the nodes
-and the drivers reach the head by a name, HEAD_NAME, that their own /etc/hosts (mounted in their
-namespace, never the machine's) gives 127.0.0.1: `connected(cmd, folder)` runs a driver so.
+Every node binds 127.0.0.1. Not through `ray start` itself: for a worker node it turns
+`--node-ip-address 127.0.0.1` (and an --address of 127.0.0.1) into the machine's outward
+address, and refuses to run where Ray is told it is no cluster (tests/conftest.py). So the node's
+process starts it as `ray start --block` does, through Ray's Node API with the node's parameters
+(as `ray.cluster_utils.Cluster.add_node` does in-process), then blocks until it is stopped.
+Drivers join at the head's 127.0.0.1 address as it is (tests/conftest.py).
 
     head = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": LOOPBACK})
     node = WorkerNode.start(head, tmp_path / "node1", hide=[...], data={"/driver/data": copy})
     wait_for_workers(head, [node]); node.node_id ... node.kill()   # SIGKILL of every process of the node
-    subprocess.run(connected([sys.executable, "-m", "tuning.search", "--address", head_address(head)], tmp_path))
 """
 from __future__ import annotations
 
@@ -29,30 +30,7 @@ from pathlib import Path
 import pytest
 
 LOOPBACK = "127.0.0.1"
-HEAD_NAME = "boneage-test-head"  # the head's name in the nodes' and drivers' own /etc/hosts
 LABEL = "boneage-test-node"  # a Ray node label: which WorkerNode a Ray node is
-
-
-def head_address(head) -> str:
-    """The head's address by its name (see the module's docstring)."""
-    host, _, port = head.address.rpartition(":")
-    assert host == LOOPBACK, f"the head must listen on {LOOPBACK}, not {host}"
-    return f"{HEAD_NAME}:{port}"
-
-
-def hosts_file(folder: Path) -> Path:
-    """A copy of /etc/hosts that also names the head, for a namespace's /etc/hosts."""
-    hosts = Path(folder) / "hosts"
-    if not hosts.exists():
-        hosts.write_text(Path("/etc/hosts").read_text() + f"\n{LOOPBACK} {HEAD_NAME}\n")
-    return hosts
-
-
-def connected(cmd: list[str], folder: Path) -> list[str]:
-    """`cmd` run in a mount namespace of its own whose /etc/hosts names the head (a driver)."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
-            str(hosts_file(folder)), *cmd]
 
 
 def skip_unless_mount_namespaces() -> None:
@@ -96,20 +74,17 @@ class WorkerNode:
             mounts.append(f"mount --bind {shlex.quote(str(empty))} {shlex.quote(str(path))}")
         for path, copy in data.items():
             mounts.append(f"mount --bind {shlex.quote(str(copy))} {shlex.quote(str(path))}")
-        mounts.append(f"mount --bind {shlex.quote(str(hosts_file(folder)))} /etc/hosts")  # the head's name
-        ray = Path(sys.executable).parent / "ray"
-        start = [str(ray), "start", "--address", head_address(head), "--labels", f"{LABEL}={folder.name}", "--node-ip-address", LOOPBACK, "--num-cpus", str(cpus),
-                 "--num-gpus", str(gpus), "--object-store-memory", str(150 * 2**20), "--min-worker-port", "0",
-                 "--max-worker-port", "0", "--disable-usage-stats", "--block"]
+        start = [sys.executable, "-m", "tests.nodes", head.address, folder.name, str(cpus), str(gpus)]
         script = " && ".join(mounts + ["exec " + shlex.join(start)])
         env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(cache)}
         token = Path.home() / ".ray" / "auth_token"  # the cluster's token, where this HOME has none
         if token.is_file() and "RAY_AUTH_TOKEN" not in env:
             env["RAY_AUTH_TOKEN_PATH"] = str(token)
-        log = open(folder / "ray-start.log", "w")
+        log = open(folder / "node.log", "w")
         # private propagation: the node's mounts stay in its namespace, the driver never sees them
         process = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   cwd=Path(__file__).parent.parent)
         return cls(folder, process)
 
     def kill(self) -> None:
@@ -121,7 +96,7 @@ class WorkerNode:
         self.process.wait(timeout=60)
 
     def stop(self) -> None:
-        """`ray start --block` ends its node's processes on SIGTERM; whatever is left is killed."""
+        """The node's process ends its Ray processes on SIGTERM; whatever is left is killed."""
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
@@ -145,7 +120,7 @@ def wait_for_workers(head, nodes: list[WorkerNode], timeout: float = 180) -> Non
     while time.time() < deadline:
         for node in nodes:
             if node.process.poll() is not None:
-                raise RuntimeError(f"a worker node exited: {(node.folder / 'ray-start.log').read_text()[-3000:]}")
+                raise RuntimeError(f"a worker node exited: {(node.folder / 'node.log').read_text()[-3000:]}")
         joined = {n["Labels"].get(LABEL): n["NodeID"] for n in head.global_state.node_table()
                   if n["Alive"] and n.get("Labels", {}).get(LABEL)}
         if all(node.folder.name in joined for node in nodes):
@@ -157,8 +132,9 @@ def wait_for_workers(head, nodes: list[WorkerNode], timeout: float = 180) -> Non
 
 
 def look(address: str, node_id: str, files: list[str], data_root: str, written: str) -> dict:
-    """Run on Ray node `node_id` (this process joins the cluster as a driver): which of `files`
-    it sees, its HOME, the .txt files of its data folder; it writes `written`."""
+    """Run on Ray node `node_id` (this process joins the cluster at `address` as a driver, and
+    leaves): which of `files` it sees, its HOME, the .txt files of its data folder; it writes
+    `written`."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -170,13 +146,28 @@ def look(address: str, node_id: str, files: list[str], data_root: str, written: 
 
     ray.init(address=address, include_dashboard=False)
     try:
-        task = ray.remote(num_cpus=0)(there).options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+        on_node = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        task = ray.remote(num_cpus=0)(there).options(scheduling_strategy=on_node)
         return ray.get(task.remote(), timeout=120)
     finally:
         ray.shutdown()
 
 
-if __name__ == "__main__":  # python -m tests.nodes look ADDRESS '{"node_id": ..., ...}': prints JSON
-    import json
+def run_node(gcs_address: str, name: str, cpus: int, gpus: int) -> None:
+    """A worker node's process: the Ray node (raylet, object store, agents) joined to the head at
+    `gcs_address`, on 127.0.0.1, labelled `name`; its processes end with this one."""
+    import ray._private.node
+    import ray._private.parameter
 
-    print(json.dumps(look(sys.argv[2], **json.loads(sys.argv[3]))))
+    params = ray._private.parameter.RayParams(
+        gcs_address=gcs_address, node_ip_address=LOOPBACK, num_cpus=cpus, num_gpus=gpus,
+        object_store_memory=150 * 2**20, min_worker_port=0, max_worker_port=0, labels={LABEL: name})
+    ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+    print(f"node {name} joined {gcs_address} on {LOOPBACK}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exit runs Node's shutdown_at_exit hook
+    while True:
+        signal.pause()
+
+
+if __name__ == "__main__":  # python -m tests.nodes GCS_ADDRESS NAME CPUS GPUS (WorkerNode.start runs it)
+    run_node(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -31,8 +31,7 @@ import pytest
 import yaml
 
 from tests.conftest import HEAD_ONLY
-from tests.nodes import (LOOPBACK, WorkerNode, connected, driver_paths, head_address, skip_unless_mount_namespaces,
-                         wait_for_workers)
+from tests.nodes import LOOPBACK, WorkerNode, driver_paths, look, skip_unless_mount_namespaces, wait_for_workers
 from tests.s3 import BUCKET, s3_env, s3_files, s3_mtime, s3_read  # noqa: F401  (s3_env: a fixture)
 
 pytestmark = pytest.mark.slow
@@ -55,8 +54,10 @@ def three_nodes(s3_env, phantom_root, tmp_path_factory):
         for i in range(2):
             copy = shutil.copytree(phantom_root, disks / f"node{i}-data")
             (Path(copy) / f"node{i}.txt").write_text("this node's own copy")
-            workers.append(WorkerNode.start(cluster, disks / f"node{i}", hide=driver_paths(), data={phantom_root: copy}))
+            workers.append(WorkerNode.start(cluster, disks / f"node{i}", hide=driver_paths(),
+                                            data={phantom_root: copy}))
         wait_for_workers(cluster, workers)
+        assert {n["NodeManagerAddress"] for n in cluster.global_state.node_table()} == {LOOPBACK}
         yield cluster, workers
     finally:
         for worker in workers:
@@ -96,13 +97,7 @@ def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_
     written = Path.home() / "boneage-experiments" / f".from-a-worker-{os.getpid()}"
     try:
         for i, worker in enumerate(workers):
-            look = {"node_id": worker.node_id, "files": [str(p) for p in mine], "data_root": str(phantom_root),
-                    "written": str(written)}
-            probe = subprocess.run(connected([sys.executable, "-m", "tests.nodes", "look", head_address(cluster),
-                                              json.dumps(look)], tmp_path), capture_output=True, text=True,
-                                   cwd=REPO, timeout=300)
-            assert probe.returncode == 0, probe.stderr[-3000:]
-            seen = json.loads(probe.stdout.strip().splitlines()[-1])
+            seen = look(cluster.address, worker.node_id, [str(p) for p in mine], str(phantom_root), str(written))
             assert seen["seen"] == [] and seen["home"] == str(worker.folder / "home"), seen
             assert seen["data"] == [f"node{i}.txt"], seen  # its own copy at the driver's data path
             assert not written.exists()  # it wrote on its own disk
@@ -120,8 +115,8 @@ def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_
                  "ensemble_top_k": 1, "gallery_size": 0,  # the retrain's extras are tested in test_search
                  "space": {"learning_rate": {"loguniform": [1.0e-4, 1.0e-2]}},
                  "points_to_evaluate": [{"learning_rate": lr} for lr in RATES]}}))
-    driver = subprocess.Popen(connected([sys.executable, "-m", "tuning.search", "--config", str(config), "--name", name,
-                                         "--address", head_address(cluster)], tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    driver = subprocess.Popen([sys.executable, "-m", "tuning.search", "--config", str(config), "--name", name,
+                               "--address", cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, cwd=tmp_path,
                               env={**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
@@ -191,9 +186,8 @@ def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_
     # an experiment with status 2
     trials_before, metrics_before = s3_read(f"{experiment}/trials.csv"), s3_mtime(f"{experiment}/test_metrics.json")
     shutil.rmtree(Path.home() / "boneage-experiments" / name)
-    again = subprocess.run(connected([sys.executable, "-m", "tuning.search", "--retrain-only",
-                                      f"s3://{BUCKET}/{experiment}", "--address", head_address(cluster)], tmp_path),
-                           capture_output=True, text=True, timeout=900,
+    again = subprocess.run([sys.executable, "-m", "tuning.search", "--retrain-only", f"s3://{BUCKET}/{experiment}",
+                            "--address", cluster.address], capture_output=True, text=True, timeout=900,
                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads(s3_read(f"{experiment}/summary.json"))["best"] == summary["best"]

@@ -17,7 +17,8 @@ are suggested, report and end, and when the search stops) or at `tune.optuna_sto
 `tuning.study`), so a resumed search continues it, on a new head too. `tensorboard --logdir
 EXPERIMENT` shows every trial's curves, and `tune.mlflow: true` logs the trials to MLflow too
 (`tuning.tracking`). The driver validates the config, the data and the cluster, has every node
-prepare the images once (`tuning.prepare`), then leaves all TensorFlow work to Ray workers; on a
+prepare the images once (`tuning.prepare`; with s3:// storage, once per cluster: the first node
+publishes them, the others fetch), then leaves all TensorFlow work to Ray workers; on a
 cluster, Ray ships the driver's code to them.
 """
 from __future__ import annotations
@@ -88,7 +89,8 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
         run_config=tune.RunConfig(
             name=exp.name, storage_path=exp.storage_path, stop=tune.stopper.CombinedStopper(watch, progress),
             # StudySync last: it copies mlflow.db after the MLflow callback has written a trial's run
-            callbacks=[watch, progress] + joining + tracking_callbacks(cfg, exp) + ([StudySync(exp, url)] if exp.remote else []),
+            callbacks=[watch, progress] + joining + tracking_callbacks(cfg, exp)
+            + ([StudySync(exp, url)] if exp.remote else []),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
 
@@ -143,11 +145,9 @@ def start_ray(address: str | None) -> None:
     runtime_env = {"env_vars": quiet}
     if address:
         runtime_env["py_modules"] = [str(Path(boneage.__file__).parent), str(Path(tuning.__file__).parent)]
-    # "local": a new Ray of our own, never one that `ray start` left running on this machine,
-    # on the loopback only (by default Ray binds the machine's outward address)
-    local = {} if address else {"_node_ip_address": "127.0.0.1"}
+    # "local": a new Ray of our own, never one that `ray start` left running on this machine
     ray.init(address=address or "local", runtime_env=runtime_env, log_to_driver=True,
-             include_dashboard=False, configure_logging=False, **local)
+             include_dashboard=False, configure_logging=False)
 
 
 def images_here(cfg: SearchConfig, address: str | None) -> bool:
