@@ -44,9 +44,12 @@ BUCKET = "boneage-bench"
 
 
 def start_s3() -> object:
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
     server = ThreadedMotoServer(ip_address=LOOPBACK, port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -184,8 +187,11 @@ def main() -> None:
             f"**{small_x:.1f}x** on rsna-100px and **{full_x:.0f}x** on full-size radiographs at {size} px"
             for size, small_x, full_x in ratios)
         + ". rsna-100px's PNGs are tiny (about 10 KB) and decode at thousands per second, so there the copy "
-          "(through a local S3 server sharing the 2 cores) gains little or loses; full-size radiographs decode at "
-          "about 20 per second per core, where the copy saves minutes per node."])
+          "(through a local S3 server, a Python process sharing the same 2 cores) gains little, or loses at 256 px "
+          f"where the cache is 6.6x the PNGs' bytes; full-size radiographs decoded at {per_cpu:.1f} per second per "
+          "CPU in this run (benchmark 2: about 10 per CPU on a quieter machine, which halves the full-size ratios), "
+          "where the copy saves many minutes per node. The first node pays its decode once per cluster, plus the "
+          "upload."])
     print(body)
     if not args.no_record:
         record(7, "Prepare once per cluster: a second node's data, fetched vs decoded",

@@ -25,7 +25,7 @@ needs_sample = pytest.mark.skipif(not SAMPLE_DATA, reason="set BONEAGE_SAMPLE_DA
 COSTLIEST_FIRST = ["test_learning", "test_search", "test_multinode", "test_faults", "test_postgres",
                    "test_trial_reliability", "test_ray_gpus", "test_mirrored", "test_reliability", "test_gpu_setup",
                    "test_head_loss", "test_phases", "test_train_export", "test_retrain_resume", "test_lab",
-                   "test_study_truth", "test_prepare", "test_phantom", "test_bad_input", "test_no_surprises"]
+                   "test_prepared_store", "test_study_truth", "test_prepare", "test_phantom", "test_bad_input", "test_no_surprises"]
 
 
 def pytest_collection_modifyitems(config, items):

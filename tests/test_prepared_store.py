@@ -1,10 +1,12 @@
 """tuning.prepared_store without Ray: the prepared cache's content key, and a cache published into
 s3:// storage (a local moto server on 127.0.0.1) by one "node" and fetched by another that holds
 the same images in another folder, instead of decoding them. Seconds: 16 phantom images at 71 px,
-decoded twice (the first node, and a node whose bytes differ)."""
+decoded twice (the first node, and a node whose bytes differ); and the driver's wait for the
+nodes' prepare tasks, bounded by tune.prepare_timeout_s, on a local Ray."""
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +88,36 @@ def test_the_first_node_publishes_and_the_next_fetches_instead_of_decoding(s3_en
     assert any(m.startswith("preparing") for m in logs["c"]) and not any(m.startswith("fetched") for m in logs["c"])
     assert manifest(cfg_c)["content_key"] != key
     assert len(s3_files(f"experiments/{STORE_FOLDER}")) == 4
+
+
+def test_the_driver_waits_for_the_nodes_at_most_prepare_timeout_s(phantom_root, tmp_path, capsys):
+    """A local Ray of 1 CPU (about 10 s: no other test's Ray has a node whose CPUs another job
+    holds). The prepare task cannot start while another task holds the node's CPU: the search
+    stops after tune.prepare_timeout_s naming the node, instead of waiting for ever; with no
+    node that can run a trial (an autoscaled start) it says so and leaves it to the nodes."""
+    import ray
+
+    from tuning.cluster import ClusterError
+    from tuning.config import load_search_config
+    from tuning.prepare import prepare_on_every_node
+
+    cfg = load_search_config(None, tiny_overrides(phantom_root) + [
+        "tune.prepare_timeout_s=3", "tune.resources.cpu=1", f"data.prepared_dir={tmp_path / 'prepared'}"])
+    splits = load_splits(cfg.data, report=lambda m: None)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        blocker = ray.remote(num_cpus=1)(lambda: __import__("time").sleep(120)).remote()  # another job's task
+        node = ray.nodes()[0]
+        started = time.time()
+        with pytest.raises(ClusterError, match=rf"within tune.prepare_timeout_s \(3 s\) on {node['NodeManagerAddress']} "
+                                               rf"\({node['NodeID'][:12]}\)"):
+            prepare_on_every_node(cfg, splits)
+        assert 3 <= time.time() - started < 60
+        assert not list((tmp_path / "prepared").glob("*.json"))  # nothing was prepared
+        ray.cancel(blocker, force=True)
+
+        cfg.tune.resources.gpu = 1  # no node has a GPU: none can run a trial yet
+        assert prepare_on_every_node(cfg, splits) == set()
+        assert "no node can run a trial yet" in capsys.readouterr().out
+    finally:
+        ray.shutdown()
