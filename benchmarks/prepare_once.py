@@ -167,7 +167,7 @@ def main() -> None:
                     [size, f"second node decodes full-size PNGs itself (extrapolated, {per_cpu:.1f}/s on its CPU)",
                      full_decode, "", 1.0],
                     [size, "(first node: decode rsna-100px and publish, once per cluster)", r["publish"], "", ""]]
-                ratios.append((size, decode / fetch, full_decode / fetch))
+                ratios.append((size, decode / fetch, full_decode / fetch, per_cpu))
                 print(rows[-4:], flush=True)
         finally:
             import ray
@@ -185,13 +185,14 @@ def main() -> None:
               rows), "",
         "Fetching instead of decoding: " + ", ".join(
             f"**{small_x:.1f}x** on rsna-100px and **{full_x:.0f}x** on full-size radiographs at {size} px"
-            for size, small_x, full_x in ratios)
+            for size, small_x, full_x, _ in ratios)
         + ". rsna-100px's PNGs are tiny (about 10 KB) and decode at thousands per second, so there the copy "
           "(through a local S3 server, a Python process sharing the same 2 cores) gains little, or loses at 256 px "
-          f"where the cache is 6.6x the PNGs' bytes; full-size radiographs decoded at {per_cpu:.1f} per second per "
-          "CPU in this run (benchmark 2: about 10 per CPU on a quieter machine, which halves the full-size ratios), "
-          "where the copy saves many minutes per node. The first node pays its decode once per cluster, plus the "
-          "upload."])
+          "where the cache is 6.6x the PNGs' bytes. Full-size radiographs decoded at "
+        + " and ".join(f"{rate:.1f}" for _, _, _, rate in ratios)
+        + " per second per CPU in this run (the machine is shared: the rate moves with its load; benchmark 2 "
+          "measured about 10), so there a node would spend many minutes decoding what it fetches in under a minute. The "
+          "first node pays its decode once per cluster, plus the upload."])
     print(body)
     if not args.no_record:
         record(7, "Prepare once per cluster: a second node's data, fetched vs decoded",
