@@ -23,6 +23,12 @@ disk has the size and modification time it had when prepared (a missing image is
 the cache: after `prepare` the PNGs, even their folder, may go; `cached_folders` still finds
 the folder, `trusted_images` the images and their sizes). Anything else rebuilds it, into
 temporary names renamed into place, so a reader never sees half a cache.
+
+A cache can also come from elsewhere: `ensure_prepared(..., fetch=...)` first asks `fetch` (under
+the same lock) for a copy, which `tuning.prepared_store` finds in the search's storage by
+`content_key` (the images' ids and bytes, the resolution and `prepare_image`'s version: equal on
+every node holding the same images, wherever they are). A fetched cache's manifest says where it
+came from (`fetched`); every manifest records its `content_key`.
 """
 from __future__ import annotations
 
@@ -137,10 +143,27 @@ def opened(frame, image_size: int) -> PreparedImages | None:
     return images if images is not None and images.holds(frame) else None
 
 
+def content_key(paths, image_size: int) -> str | None:
+    """The identity of these images' cache wherever it was built: their ids (file names) and
+    bytes, the resolution and `prepare_image`'s version, never node-local folders or mtimes
+    (so nodes holding the same images their own way agree). None if an image is not here."""
+    rows = []
+    for path in dict.fromkeys(map(str, paths)):
+        found = _stat(path)
+        if found is None:
+            return None
+        rows.append(f"{Path(path).stem},{found[0]}")
+    text = "\n".join(sorted(rows)) + f"\n{image_size}\n{_decode_version()}"
+    return f"{hashlib.sha256(text.encode()).hexdigest()[:16]}-{image_size}px"
+
+
 def ensure_prepared(frame, image_size: int, folder, threads: int | None = None,
-                    report=print) -> PreparedImages:
+                    report=print, fetch=None) -> PreparedImages:
     """The prepared images of every row of `frame` at `image_size`: opened if a usable cache
-    exists, else built (once per folder: concurrent callers wait for the first one)."""
+    exists, else built (once per folder: concurrent callers wait for the first one). `fetch`,
+    if given, is tried first, under the same lock: `fetch(paths, image_size, partial)` writes an
+    .npy built elsewhere (`tuning.prepared_store`) to `partial` and returns its rows' paths in
+    order, or None when it has none."""
     folder = Path(folder)
     paths = list(dict.fromkeys(frame["path"].astype(str)))
     folders = sorted({os.path.dirname(p) for p in paths})
@@ -154,6 +177,9 @@ def ensure_prepared(frame, image_size: int, folder, threads: int | None = None,
             raise InputError(f"config key data.prepared_dir: cannot create {folder} ({err})") from None
         with _lock(folder / f"{key}.lock", report, f"{len(paths)} images at {image_size} px"):
             images = _open_if_usable(folder, manifest_path, paths)  # built while we waited?
+            if images is None and fetch is not None:
+                _install(paths, image_size, folder, key, fetch, report)
+                images = _open_if_usable(folder, manifest_path, paths)
             if images is None:
                 _build(paths, image_size, folder, key, threads, report)
                 images = _open_if_usable(folder, manifest_path, paths)
@@ -231,13 +257,40 @@ def _build(paths, image_size, folder: Path, key: str, threads, report) -> None:
         raise
     old = _read_manifest(folder / f"{key}.json")
     manifest = {"image_size": image_size, "decode_version": _decode_version(), "data_file": data_file,
-                "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "created": time.strftime("%Y-%m-%d %H:%M:%S"), "content_key": content_key(paths, image_size),
                 "images": [[p, size, mtime] for p, (size, mtime) in zip(paths, stats)]}
     write_atomic(folder / f"{key}.json", json.dumps(manifest))  # the commit point
     if old and old.get("data_file") != data_file:
         (folder / old["data_file"]).unlink(missing_ok=True)  # readers that mapped it keep it
     progress.finish(f"prepared in {folder / data_file} ({len(paths) * image_size ** 2 / 2 ** 20:.0f} MiB)")
     prune(folder)
+
+
+def _install(paths, image_size, folder: Path, key: str, fetch, report) -> None:
+    """A cache built elsewhere, written by `fetch`, checked and committed as `_build` would."""
+    stats = {p: _stat(p) for p in paths}
+    if None in stats.values():  # an image not here: its bytes are unknown, so is the cache's key
+        return
+    data_file = f"{key}.{uuid.uuid4().hex[:8]}.npy"
+    partial = folder / f".{data_file}.partial"
+    try:
+        order = fetch(paths, image_size, partial)
+        if order is None:
+            return
+        array = np.load(partial, mmap_mode="r")
+        if sorted(order) != sorted(paths) or array.shape != (len(order), image_size, image_size) \
+                or array.dtype != np.uint8:
+            report(f"  the fetched cache does not hold these {len(paths)} images at {image_size} px: preparing here")
+            return
+        del array
+        os.replace(partial, folder / data_file)
+    finally:
+        partial.unlink(missing_ok=True)
+    manifest = {"image_size": image_size, "decode_version": _decode_version(), "data_file": data_file,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S"), "fetched": getattr(fetch, "source", "elsewhere"),
+                "content_key": content_key(paths, image_size),
+                "images": [[p, *stats[p]] for p in order]}
+    write_atomic(folder / f"{key}.json", json.dumps(manifest))  # the commit point
 
 
 def _decode_failure(paths) -> str:

@@ -7,6 +7,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Every Ray of the tests on the loopback: by default Ray binds the machine's outward address, and
+# turns 127.0.0.1 given as a node's or a cluster's address into it. With this (Ray's own switch,
+# read when ray is imported; on Linux it does nothing else) a local Ray, and a driver joining a
+# test cluster at 127.0.0.1, stay on 127.0.0.1. Test clusters' heads are started on 127.0.0.1;
+# their `ray start` workers set it back (tests/nodes.py), as `ray start` requires.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 SAMPLE_DATA = os.environ.get("BONEAGE_SAMPLE_DATA")
 needs_sample = pytest.mark.skipif(not SAMPLE_DATA, reason="set BONEAGE_SAMPLE_DATA to an RSNA-layout folder")
@@ -19,7 +25,7 @@ needs_sample = pytest.mark.skipif(not SAMPLE_DATA, reason="set BONEAGE_SAMPLE_DA
 COSTLIEST_FIRST = ["test_learning", "test_search", "test_multinode", "test_faults", "test_postgres",
                    "test_trial_reliability", "test_ray_gpus", "test_mirrored", "test_reliability", "test_gpu_setup",
                    "test_head_loss", "test_phases", "test_train_export", "test_retrain_resume", "test_lab",
-                   "test_study_truth", "test_prepare", "test_phantom", "test_bad_input", "test_no_surprises"]
+                   "test_prepared_store", "test_study_truth", "test_prepare", "test_phantom", "test_bad_input", "test_no_surprises"]
 
 
 def pytest_collection_modifyitems(config, items):

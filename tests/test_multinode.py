@@ -1,17 +1,31 @@
 """A search across nodes, for real on one machine: a Ray cluster of a head and two worker nodes
-(each advertising 2 CPUs and 1 logical GPU), the experiment in s3:// storage served by a local
-S3 server (moto, on 127.0.0.1), and a worker node removed while its trial runs.
+(each advertising 2 CPUs and 1 logical GPU) with their own disks (`tests.nodes`: a mount
+namespace each, their own HOME, caches and copy of the data, the driver's paths hidden), every
+node on 127.0.0.1, the experiment in s3:// storage served by a local S3 server (moto, on
+127.0.0.1). The second worker joins once the search runs, as an autoscaler's would, and is
+killed (SIGKILL of all its processes) while its trial runs.
 
-Checks: trials ran on both workers (Ray node ids in trials.csv), half-GPU trials at most two to
-a node, the trial on the lost node went on from its checkpoint on the other node (its epochs
-continue, never restart), the search finished with every trial accounted for, and every output
-(study, report, retrained model) is in the storage; `--retrain-only` then works from the
-storage alone, as on a fresh head, rewriting the test metrics and leaving trials.csv as it was."""
+Why its own cluster: no other test starts nodes that do not share the driver's disk. Cost: about
+4-5 minutes on two busy xdist workers (the search, a worker joining then lost, the retrain,
+--retrain-only).
+
+Checks: each worker sees neither the driver's experiment folder, nor its caches, nor its data
+(it sees its own copy there), and what it writes at the driver's paths stays on its own disk.
+The prepared images: the first worker decoded them before the first trial and published them
+into the storage; the worker that joined fetched them from there (its cache's manifest names the
+storage, with the same content key), and nothing decoded them again. Trials ran on both workers
+(Ray node ids in trials.csv), half-GPU trials at most two to a node, the trial on the lost node
+went on from its checkpoint on the other node (its epochs continue, never restart), the search
+finished with every trial accounted for, and every output (study, report, retrained model) is
+in the storage; `--retrain-only` then works from the storage alone, as on a fresh head,
+rewriting the test metrics and leaving trials.csv as it was."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +34,7 @@ import pytest
 import yaml
 
 from tests.conftest import HEAD_ONLY
+from tests.nodes import LOOPBACK, WorkerNode, driver_paths, look, skip_unless_mount_namespaces, wait_for_workers
 from tests.s3 import BUCKET, s3_env, s3_files, s3_mtime, s3_read  # noqa: F401  (s3_env: a fixture)
 
 pytestmark = pytest.mark.slow
@@ -29,15 +44,54 @@ EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def three_nodes(s3_env):
-    """Head (no CPUs: trials never land there) + two workers with 2 CPUs and 1 logical GPU."""
+def three_nodes(s3_env, phantom_root, tmp_path_factory):
+    """Head (no CPUs: trials never land there) + a worker with 2 CPUs and 1 logical GPU, and
+    `join()` to start a second one like it later (an autoscaler's): each with its own disk and
+    its own copy of the data, mounted at the driver's data path."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    yield cluster, workers
-    cluster.shutdown()
+    skip_unless_mount_namespaces()
+    disks = tmp_path_factory.mktemp("nodes")
+    for i in range(2):
+        copy = shutil.copytree(phantom_root, disks / f"node{i}-data")
+        (Path(copy) / f"node{i}.txt").write_text("this node's own copy")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": LOOPBACK})
+    workers = []
+
+    def join() -> WorkerNode:
+        i = len(workers)
+        workers.append(WorkerNode.start(cluster, disks / f"node{i}", hide=driver_paths(),
+                                        data={phantom_root: disks / f"node{i}-data"}))
+        wait_for_workers(cluster, workers[-1:])
+        assert {n["NodeManagerAddress"] for n in cluster.global_state.node_table()} == {LOOPBACK}
+        return workers[-1]
+
+    try:
+        join()
+        yield cluster, workers, join
+    finally:
+        for worker in workers:
+            worker.stop()
+        cluster.shutdown()
+
+
+def check_own_disk(cluster, worker: WorkerNode, data_root: Path) -> None:
+    """The driver's files are not on the worker, its own data copy is at the driver's data path,
+    and what it writes at the driver's paths stays on its own disk."""
+    mine = [Path.home() / "boneage-experiments" / f".driver-only-{os.getpid()}",
+            Path(os.environ["XDG_CACHE_HOME"]) / f"driver-only-{os.getpid()}", data_root / "driver-only.txt"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the driver's")
+    written = Path.home() / "boneage-experiments" / f".from-a-worker-{os.getpid()}"
+    try:
+        seen = look(cluster.address, worker.node_id, [str(p) for p in mine], str(data_root), str(written))
+        assert seen["seen"] == [] and seen["home"] == str(worker.folder / "home"), seen
+        assert seen["data"] == [f"{worker.folder.name}.txt"], seen  # its own copy at the driver's data path
+        assert not written.exists()  # it wrote on its own disk
+    finally:
+        for path in mine:
+            path.unlink(missing_ok=True)
 
 
 def trials_on(node_id: str, experiment: str) -> list[dict]:
@@ -59,9 +113,12 @@ def trials_on(node_id: str, experiment: str) -> list[dict]:
 
 
 def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_root):
-    cluster, workers = three_nodes
+    cluster, workers, join = three_nodes
     name = "multinode"
     experiment = f"experiments/{name}"
+
+    # separate disks: the driver's files are not on the worker, nor the other way round
+    check_own_disk(cluster, workers[0], Path(phantom_root))
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump({
         "data": {"source": "rsna", "root": str(phantom_root), "val_fraction": 0.25, "test_fraction": 0.2},
@@ -77,8 +134,17 @@ def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_
                                "--address", cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, cwd=tmp_path,
                               env={**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
+    reader.start()
     try:
-        lost = workers[1]
+        # the second worker joins once the search runs (its images prepared on the first alone)
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None and not any("results in" in x for x in lines):
+            time.sleep(0.5)
+        assert driver.poll() is None, "".join(lines)[-4000:]
+        lost = join()
+        check_own_disk(cluster, lost, Path(phantom_root))
         deadline = time.time() + 900
         while time.time() < deadline and driver.poll() is None:
             running = trials_on(lost.node_id, experiment)
@@ -87,12 +153,25 @@ def test_search_across_nodes_survives_losing_one(three_nodes, tmp_path, phantom_
             time.sleep(1)
         assert driver.poll() is None, "the search ended before a trial on the second worker checkpointed"
         assert running, "no trial checkpointed on the second worker in time"
-        cluster.remove_node(lost, allow_graceful=False)
-        out, _ = driver.communicate(timeout=1200)
+        lost.kill()
+        driver.wait(timeout=1200)
     finally:
         if driver.poll() is None:
             driver.kill()
+        reader.join(timeout=60)
+    out = "".join(lines)
     assert driver.returncode == 0, out[-4000:]
+
+    # the prepared images: decoded by the first worker before the first trial and published; the
+    # worker that joined later fetched them (as it joined, or in its first trial), never decoding
+    (first,), (second,) = ([json.loads(p.read_text()) for p in (w.cache / "boneage" / "prepared").glob("*.json")]
+                           for w in workers)
+    store = f"s3://{BUCKET}/experiments/prepared-images"
+    assert "fetched" not in first and second.get("fetched") == store, (first.get("fetched"), second.get("fetched"))
+    key = first["content_key"]
+    assert second["content_key"] == key and f"{key}.json" in s3_files("experiments/prepared-images")
+    assert f"fetched prepared images {key}" in out, out[-4000:]
+    assert len(re.findall(r"(?<!process )preparing \d+ images at", out)) == 1, out[-4000:]  # one decode in all
 
     # every planned trial is accounted for, and finished all its epochs
     trials = pd.read_csv(pd.io.common.StringIO(s3_read(f"{experiment}/trials.csv")), dtype={"node_id": str})

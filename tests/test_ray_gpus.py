@@ -31,7 +31,8 @@ def gpu_cluster(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in double}
     os.environ.update(double)  # the raylet, and so every worker, inherits these
     try:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 2})
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 2,
+                                                                 "node_ip_address": "127.0.0.1"})
     finally:
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)

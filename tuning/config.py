@@ -53,6 +53,9 @@ class TuneConfig:
     retrain_gpus: int = field(default=-1, metadata=_range(-1))  # -1 = all GPUs of one node
     retrain_cpus: float = field(default=0.0, metadata=_range(0.0))  # 0 = every CPU of its node
     retrain_wait_s: float = field(default=900.0, metadata=_range(0.0))  # for a node with the retrain's GPUs
+    # the most a search waits for its nodes to prepare (or fetch) the images before the first
+    # trial; past it the search stops naming the nodes (their CPUs may be held by another job)
+    prepare_timeout_s: float = field(default=1800.0, metadata=_range(1.0))
     require_gpu: bool = True  # a trial given a GPU by Ray fails if TensorFlow sees none
     # Share of the validation split held out of the retrain to calibrate prediction intervals
     # (no model trains on it); 0 = retrain on all of train + val, no intervals.

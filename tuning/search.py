@@ -17,7 +17,8 @@ are suggested, report and end, and when the search stops) or at `tune.optuna_sto
 `tuning.study`), so a resumed search continues it, on a new head too. `tensorboard --logdir
 EXPERIMENT` shows every trial's curves, and `tune.mlflow: true` logs the trials to MLflow too
 (`tuning.tracking`). The driver validates the config, the data and the cluster, has every node
-prepare the images once (`tuning.prepare`), then leaves all TensorFlow work to Ray workers; on a
+prepare the images once (`tuning.prepare`; with s3:// storage, once per cluster: the first node
+publishes them, the others fetch), then leaves all TensorFlow work to Ray workers; on a
 cluster, Ray ships the driver's code to them.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ class SearchInterrupted(Exception):
     """Ray Tune stopped on Ctrl-C (or SIGINT) with trials unfinished; the state is saved."""
 
 
-def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: bool):
+def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: bool, prepared_nodes=None):
     from ray import tune
 
     from tuning.nodecheck import NodeCheckWatch
@@ -73,6 +74,11 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
     if cfg.tune.max_concurrent_trials:
         searcher = Limiter(searcher, max_concurrent=cfg.tune.max_concurrent_trials)
     watch = NodeCheckWatch()
+    joining = []
+    if prepared_nodes is not None:  # nodes joining later prepare (or fetch) as they join
+        from tuning.prepare import PrepareOnJoin
+
+        joining = [PrepareOnJoin(cfg, splits, prepared_nodes)]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -83,7 +89,8 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
         run_config=tune.RunConfig(
             name=exp.name, storage_path=exp.storage_path, stop=tune.stopper.CombinedStopper(watch, progress),
             # StudySync last: it copies mlflow.db after the MLflow callback has written a trial's run
-            callbacks=[watch, progress] + tracking_callbacks(cfg, exp) + ([StudySync(exp, url)] if exp.remote else []),
+            callbacks=[watch, progress] + joining + tracking_callbacks(cfg, exp)
+            + ([StudySync(exp, url)] if exp.remote else []),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
 
@@ -270,8 +277,9 @@ def search(cfg: SearchConfig, name: str, address: str | None = None, resume: boo
     started = time.time()
     from tuning.prepare import prepare_on_every_node
 
+    prepared_nodes = None
     if not cfg.tune.replay.curves:  # replayed trials read no images
-        prepare_on_every_node(cfg, splits)  # a bad image is refused here, before anything is written
+        prepared_nodes = prepare_on_every_node(cfg, splits)  # a bad image is refused here, before anything is written
     try:
         token = exp.mark_storage()
         cluster.check_storage(exp, token, shapes)
@@ -286,7 +294,7 @@ def search(cfg: SearchConfig, name: str, address: str | None = None, resume: boo
     print(f"experiment {name}: results in {exp.local_dir}" + (f" and {exp.uri}" if exp.remote else ""))
     print(f"data: {splits.sizes()} images from {splits.root}")
     expected = NodeExpectations(exp.uri, token, splits.fingerprint, code_version())
-    results = make_tuner(cfg, exp, splits, expected, resume).fit()
+    results = make_tuner(cfg, exp, splits, expected, resume, prepared_nodes).fit()
     node_failures = [str(r.error) for r in results if r.error and MARK in str(r.error)]
     if node_failures:
         message = node_failures[0][node_failures[0].index(MARK):].splitlines()[0]

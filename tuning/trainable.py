@@ -121,6 +121,12 @@ def run_trial(params: dict, base: dict, splits, expected) -> None:
     check_node(expected, cfg, splits)
     splits = here(splits, cfg.data)  # the driver's splits, with this node's image paths
     setup = setup_process(cfg, cpus, gpu_share, gpu_ids)
+    if cfg.data.cache == "prepared":
+        from tuning.prepared_store import PreparedStore, prepare_here
+
+        store = PreparedStore.of(cfg)
+        if store is not None:  # a node that joined late: the storage's copy, not a decode on the GPU's time
+            prepare_here(cfg.data, splits.all(), [cfg.model.image_size], store, threads=cpus)
 
     from boneage.progress import Progress
     from boneage.train import train
