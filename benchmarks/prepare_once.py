@@ -1,4 +1,4 @@
-"""Benchmark 7, prepare once per cluster: how long a second node waits for its data before its
+"""Benchmark 9, prepare once per cluster: how long a second node waits for its data before its
 first trial can start, when it fetches the first node's prepared cache from the storage against
 when it decodes the images itself, side by side in one run.
 
@@ -195,7 +195,7 @@ def main() -> None:
           "first node pays its decode once per cluster, plus the upload."])
     print(body)
     if not args.no_record:
-        record(7, "Prepare once per cluster: a second node's data, fetched vs decoded",
+        record(9, "Prepare once per cluster: a second node's data, fetched vs decoded",
                "python benchmarks/prepare_once.py", body)
 
 
