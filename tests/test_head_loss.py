@@ -98,6 +98,12 @@ def check_resumed(tmp_path, name: str, before: dict[str, list[dict]], with_mlflo
         assert resumed and resumed[0] > 1 and resumed == sorted(set(resumed)) and resumed[-1] == EPOCHS, \
             (trial, [r["epoch"] for r in before[trial]], epochs)
 
+    # the search over, each trial keeps only its last checkpoint (tuning.search.trim_checkpoints)
+    files = s3_files(experiment)
+    for trial in after:
+        kept = {p.split("/")[1] for p in files if p.startswith(f"{trial}/checkpoint_")}
+        assert kept == {f"checkpoint_{after[trial][-1]['epoch'] - 1:06d}"}, (trial, kept)
+
     # the study, trials.csv, the report, the search state and MLflow, all from the storage
     local = tmp_path / f"{name}-stored"
     local.mkdir()
