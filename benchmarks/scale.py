@@ -1,0 +1,409 @@
+"""Benchmark 8, scale: does a search's cost grow linearly with its trials?
+
+    python benchmarks/scale.py                                  # 100, 300, 1000 trials; s3:// and a folder
+    python benchmarks/scale.py --trials 100 300 --seconds 0.5 --save after.json --compare before.json
+
+The real `tuning.search` (Ray Tune, our searcher, ASHA scheduler, callbacks, study sync, report)
+runs replayed trials (`tuning.replay`: the formula's curves, no TensorFlow) on a
+`ray.cluster_utils.Cluster` on 127.0.0.1: a head with no CPUs and two nodes of 8 CPUs and 8
+logical GPUs, one trial per GPU, `--concurrent` at once; storage in s3:// on a local S3 server
+(moto, in its own process, counting every write) or in a folder. Each search runs in a process
+of its own (the driver), whose time and memory are its own. Per block of `--block` trials that
+end, it records: wall time against the ideal (the epochs the block ran x seconds per epoch /
+concurrency), driver CPU (`process_time`) per result, what the storage received per trial (S3:
+objects and bytes written; a folder: bytes the driver wrote, from /proc/self/io), Ray's
+experiment snapshots (forced ones apart; the seconds they took: Ray's own share), the seconds of
+our own per-result callbacks, and TPE's suggestion latency (`StudySearch.suggest`, the study
+copy into s3:// included). At the end: the report's time, report.html's size and the driver's
+peak memory. Then the parts that grow, driven directly up to `--direct` trials (no Ray): one
+search-state write, one study copy, one TPE suggestion (demo space, 16 trials running), the
+report. Target (issue 17): last block within 1.25x of the first; wall within 1.3x of the ideal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SPACE = {"learning_rate": {"loguniform": [1.0e-5, 3.0e-3]}, "augment_strength": {"uniform": [0.0, 0.3]},
+         "dropout": {"uniform": [0.0, 0.3]}}  # configs/demo.yaml's
+
+COUNTING_S3 = r"""
+import json, logging, sys, threading
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+from moto.server import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import make_server
+counts, lock = {"objects": 0, "bytes": 0, "requests": 0}, threading.Lock()
+app = DomainDispatcherApplication(create_backend_app)
+def counting(environ, start):
+    if environ["PATH_INFO"] == "/__counts__":
+        start("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(counts).encode()]
+    with lock:
+        counts["requests"] += 1
+        method, query = environ["REQUEST_METHOD"], environ["QUERY_STRING"]
+        # pyarrow writes every object as a multipart upload: POST ?uploads starts one
+        counts["objects"] += (method == "POST" and query == "uploads") or (method == "PUT" and "partNumber" not in query)
+        if method == "PUT":
+            counts["bytes"] += int(environ.get("HTTP_X_AMZ_DECODED_CONTENT_LENGTH") or environ.get("CONTENT_LENGTH") or 0)
+    return app(environ, start)
+server = make_server("127.0.0.1", 0, counting, threaded=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+# --- one search, in its own process ------------------------------------------------------------
+
+def s3_server():
+    """A moto S3 server in a child process that counts writes; (process, endpoint)."""
+    proc = subprocess.Popen([sys.executable, "-c", COUNTING_S3], stdout=subprocess.PIPE, text=True)
+    endpoint = f"http://127.0.0.1:{proc.stdout.readline().strip()}"
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "x",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="scale")
+    return proc, endpoint
+
+
+def storage_counts(endpoint: str | None) -> dict:
+    if endpoint:
+        import urllib.request
+
+        return json.loads(urllib.request.urlopen(f"{endpoint}/__counts__").read())
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {"objects": 0, "bytes": int(io["wchar"]), "requests": 0}
+
+
+class Meter:
+    """Wraps a function to add up its calls and seconds (instrumentation, the function unchanged)."""
+
+    def __init__(self, owner, name: str, record=None):
+        self.calls, self.seconds, self.samples = 0, 0.0, []
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if record:
+                record(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - start
+                self.calls, self.seconds = self.calls + 1, self.seconds + took
+                self.samples.append(took)
+        setattr(owner, name, timed)
+
+
+def one_search(args) -> dict:
+    import ray.tune.execution.experiment_state as experiment_state
+    from ray import tune
+    from ray.cluster_utils import Cluster
+
+    import tuning.progress
+    import tuning.retrain
+    import tuning.study
+    import tuning.tracking
+    from tuning.config import load_search_config
+    from tuning.search import search
+
+    work = Path(tempfile.mkdtemp(prefix="scale-"))
+    moto, endpoint = s3_server() if args.storage == "s3" else (None, None)
+    storage = f"s3://scale/{args.trials}" if endpoint else str(work / "experiments")
+    overrides = [f"data.root={work / 'phantom'}", "data.source=phantom", "data.phantom_n=40", "model.image_size=71",
+                 f"train.epochs={args.epochs}", "train.early_stopping_patience=0", f"tune.storage_path={storage}",
+                 f"tune.num_samples={args.trials}", f"tune.max_concurrent_trials={args.concurrent}",
+                 "tune.n_startup_trials=10", "tune.grace_period=1", "tune.reduction_factor=3", "tune.retrain=false",
+                 "tune.resources={cpu: 0.5, gpu: 1}", f"tune.space={json.dumps(SPACE)}", "tune.replay.curves=formula",
+                 f"tune.replay.seconds_per_epoch={args.seconds}", f"tune.replay.checkpoint_mib={args.checkpoint_mib}"]
+    cfg = load_search_config(None, overrides)
+
+    # instrumentation: counters around the real functions
+    forced = {"n": 0}
+    snapshot = Meter(experiment_state._ExperimentCheckpointManager, "sync_up_experiment_state",
+                     lambda self, save_fn, force=False, wait=False: forced.__setitem__(
+                         "n", forced["n"] + bool(force or self._should_force_sync_up)))
+    suggest = Meter(tuning.study.StudySearch, "suggest")
+    ours = [Meter(tuning.progress.SearchProgress, "on_trial_result"),
+            Meter(tuning.progress.StudySync, "on_trial_result"),
+            Meter(tuning.progress.SearchProgress, "on_trial_complete"),
+            Meter(tuning.progress.StudySync, "on_trial_complete")]
+    report = Meter(tuning.retrain, "finish")
+    blocks, seen = [], {"results": 0, "ended": 0}
+
+    def mark():
+        counts = storage_counts(endpoint)
+        blocks.append({"t": time.time(), "cpu": time.process_time(), **seen, **counts, "forced": forced["n"],
+                       "snapshots": snapshot.calls, "snapshot_s": snapshot.seconds,
+                       "ours_s": sum(m.seconds for m in ours), "suggests": list(suggest.samples)})
+
+    class Probe(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            seen["results"] += 1
+            if not blocks:
+                mark()  # the first result: the search's fixed start-up is over
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            seen["ended"] += 1
+            if seen["ended"] % args.block == 0:
+                mark()
+
+    plain = tuning.tracking.tracking_callbacks
+    tuning.tracking.tracking_callbacks = lambda cfg, exp: plain(cfg, exp) + [Probe()]
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=8, num_gpus=args.concurrent // 2)
+    cluster.wait_for_nodes()
+    started = time.time()
+    try:
+        search(cfg, f"scale-{args.trials}", address=cluster.address)
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+        if moto:
+            moto.terminate()
+    out = Path(cfg.tune.storage_path if not endpoint else Path.home() / "boneage-experiments") / f"scale-{args.trials}"
+    html = out / "report.html"
+    return {"trials": args.trials, "storage": args.storage, "wall_s": time.time() - started, "blocks": blocks,
+            "report_s": report.seconds, "report_html_bytes": html.stat().st_size if html.exists() else 0,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "seconds": args.seconds, "concurrent": args.concurrent}
+
+
+def block_rows(run: dict) -> list[list]:
+    """One row per block: trials, wall/ideal, CPU ms per result, storage per trial, snapshots."""
+    rows, b = [], run["blocks"]
+    for before, after in zip(b, b[1:]):
+        trials, results = after["ended"] - before["ended"], after["results"] - before["results"]
+        ideal = results * run["seconds"] / run["concurrent"]
+        wall = after["t"] - before["t"]
+        lat = after["suggests"][len(before["suggests"]):] or [0.0]
+        rows.append([f"{before['ended']}-{after['ended']}", f"{wall:.0f}", f"{wall / ideal:.2f}",
+                     f"{(after['cpu'] - before['cpu']) / results * 1e3:.1f}",
+                     f"{(after['bytes'] - before['bytes']) / trials / 2**20:.2f}",
+                     f"{(after['objects'] - before['objects']) / trials:.0f}",
+                     f"{after['snapshots'] - before['snapshots']} ({after['forced'] - before['forced']})",
+                     f"{(after['snapshot_s'] - before['snapshot_s']) / wall * 100:.0f}%",
+                     f"{(after['ours_s'] - before['ours_s']) / results * 1e3:.1f}",
+                     f"{sum(lat) / len(lat) * 1e3:.0f} / {max(lat) * 1e3:.0f}"])
+    return rows
+
+
+BLOCK_HEADER = ["trials", "wall s", "wall/ideal", "driver CPU ms/result", "MiB written/trial", "objects/trial",
+                "snapshots (forced)", "snapshot share of wall", "our callbacks ms/result", "TPE suggest ms mean/max"]
+
+
+# --- the growing parts, driven directly --------------------------------------------------------
+
+def synthetic(n: int, start: int, rng, epochs: int = 5):
+    """Trials start..n-1: a study entry (5 epochs, ASHA-like ends) and a trials.csv row each."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    dists = {"learning_rate": FloatDistribution(1e-5, 3e-3, log=True),
+             "augment_strength": FloatDistribution(0.0, 0.3), "dropout": FloatDistribution(0.0, 0.3)}
+    entries, rows = [], []
+    for i in range(start, n):
+        params = {"learning_rate": float(10 ** rng.uniform(-5, -2.53)), "augment_strength": rng.uniform(0, .3),
+                  "dropout": rng.uniform(0, .3)}
+        ran = [1, 3, 5][min(2, int(rng.exponential(0.5)))]
+        curve = [float(12 + 20 * np.exp(-0.6 * e) + rng.normal(0, .5)) for e in range(1, ran + 1)]
+        state = optuna.trial.TrialState.COMPLETE if ran == epochs else optuna.trial.TrialState.PRUNED
+        entries.append(optuna.trial.create_trial(
+            params=params, distributions=dists, state=state, value=min(curve) if ran == epochs else curve[-1],
+            intermediate_values=dict(enumerate(curve, 1)), user_attrs={"ray_trial_id": f"t{i:05d}"}))
+        rows.append({"trial_id": f"t{i:05d}", "status": "completed" if ran == epochs else "stopped_early",
+                     "epochs": ran, "best_val_mae": min(curve), "last_val_mae": curve[-1], "val_mae_per_epoch": curve,
+                     "time_s": 2.0 * ran, "node_id": "n", "host": "h", "best_epoch": int(np.argmin(curve)) + 1,
+                     "ended": "" if ran == epochs else "asha", **{f"param.{k}": v for k, v in params.items()}})
+    return entries, rows
+
+
+def timed(fn, repeat: int = 3) -> float:
+    took = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        took.append(time.perf_counter() - start)
+    return min(took)
+
+
+def direct(sizes: list[int]) -> list[dict]:
+    """One state write, one study copy, one TPE suggestion and the report, at each size."""
+    import optuna
+    import pandas as pd
+
+    from tuning.config import load_search_config
+    from tuning.experiment import Experiment
+    from tuning.html_report import write_html_report
+    from tuning.progress import SearchProgress, StudySync
+    from tuning.report import draw_plots
+    from tuning.study import make_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="scale-direct-"))
+    exp = Experiment("direct", f"file://{work}/bucket", work / "local")
+    exp.local_dir.mkdir(parents=True)
+    cfg = load_search_config(None, [f"tune.space={json.dumps(SPACE)}", "tune.n_startup_trials=10"])
+    study = optuna.create_study(storage=f"sqlite:///{exp.local_dir / 'optuna.db'}", study_name="direct",
+                                sampler=make_sampler(cfg))
+    progress, rng, rows, found = SearchProgress(exp, 0, 0, 1), np.random.default_rng(0), [], []
+    for n in sizes:
+        entries, new = synthetic(n, len(rows), rng)
+        study.add_trials(entries)
+        rows += new
+        for row in new:
+            progress.state["trial_seconds"][row["trial_id"]] = row["time_s"]
+            progress.state["trial_brackets"][row["trial_id"]] = 0
+        progress.state["asha_stopped"] = [r["trial_id"] for r in rows if r["epochs"] < 5]
+        progress.state["rungs"] = [{str(m): {r["trial_id"]: r["val_mae_per_epoch"][m - 1] for r in rows
+                                             if r["epochs"] >= m} for m in (1, 3)}]
+        write = timed(progress.save)
+        sync = timed(StudySync(exp).sync)
+        running = [study.ask() for _ in range(16)]  # constant_liar: the running trials count
+        suggest = timed(lambda: study.tell(study.ask(), state=optuna.trial.TrialState.FAIL), 3)
+        for trial in running:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        trials = pd.DataFrame(rows)
+        summary = {"name": "direct", "num_trials": n, "storage": exp.uri, "study": "sqlite:///optuna.db",
+                   "best": {"trial_id": rows[0]["trial_id"], "val_mae": rows[0]["best_val_mae"], "params": {},
+                            "epochs": 5}, "test_metrics": None, "retrain_epochs": None, "retrain_epochs_rule": "",
+                   "budget_stop": None, "retrain": None, "predictions_csv": None, "wall_time_s": 1.0,
+                   "search_time_s": 1.0, "gpu_hours": 1.0, "reproduce": "", "split_sizes": {}, "final_dir": None}
+        start = time.perf_counter()
+        write_html_report(exp.local_dir, trials, study, summary, draw_plots(exp.local_dir, trials, study, summary))
+        report = time.perf_counter() - start
+        found.append({"trials": n, "state_write_ms": write * 1e3, "state_kib": (exp.local_dir /
+                      "search_state.json").stat().st_size / 1024, "study_sync_ms": sync * 1e3,
+                      "study_mib": (exp.local_dir / "optuna.db").stat().st_size / 2**20, "suggest_ms": suggest * 1e3,
+                      "report_s": report, "report_html_mib": (exp.local_dir / "report.html").stat().st_size / 2**20})
+        print(found[-1], flush=True)
+    return found
+
+
+DIRECT_HEADER = ["trials", "state write ms", "state KiB", "study copy ms", "study MiB", "TPE suggest ms",
+                 "report s", "report.html MiB"]
+
+
+def direct_rows(found: list[dict]) -> list[list]:
+    return [[d["trials"], f"{d['state_write_ms']:.1f}", f"{d['state_kib']:.0f}", f"{d['study_sync_ms']:.0f}",
+             f"{d['study_mib']:.1f}", f"{d['suggest_ms']:.0f}", f"{d['report_s']:.1f}", f"{d['report_html_mib']:.2f}"]
+            for d in found]
+
+
+# --- the whole benchmark -------------------------------------------------------------------------
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        b = run["blocks"]
+        ends = [a["ended"] for a in b[1:]]
+        label = f"{run.get('label', '')} {run['storage']} {run['trials']}".strip()
+        axes[0].plot(ends, [(a["cpu"] - p["cpu"]) / (a["results"] - p["results"]) * 1e3 for p, a in zip(b, b[1:])],
+                     marker="o", label=label)
+        axes[1].plot(ends, [(a["bytes"] - p["bytes"]) / (a["ended"] - p["ended"]) / 2**20 for p, a in zip(b, b[1:])],
+                     marker="o", label=label)
+    axes[0].set(xlabel="trials ended", ylabel="driver CPU ms per result", title="driver CPU per result, per block")
+    axes[1].set(xlabel="trials ended", ylabel="MiB written per trial", title="storage writes per trial, per block")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, nargs="+", default=[100, 300, 1000])
+    parser.add_argument("--storage", nargs="+", default=["s3", "folder"], choices=["s3", "folder"])
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per epoch")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--concurrent", type=int, default=16)
+    parser.add_argument("--checkpoint-mib", type=float, default=1.0)
+    parser.add_argument("--block", type=int, default=100)
+    parser.add_argument("--direct", type=int, nargs="*", default=[1000, 2500, 5000, 10000])
+    parser.add_argument("--label", default="", help="e.g. before / after, kept in --save")
+    parser.add_argument("--save", help="write the runs as JSON here")
+    parser.add_argument("--compare", nargs="*", default=[], help="earlier --save files shown beside these")
+    parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single search, JSON out
+    args = parser.parse_args()
+    if args.one:
+        os.environ["HOME"] = tempfile.mkdtemp(prefix="scale-home-")
+        args.trials, args.storage = args.trials[0], args.storage[0]
+        print("SCALE-RESULT " + json.dumps(one_search(args)), flush=True)
+        return
+    runs = []
+    for trials in args.trials:
+        for storage in args.storage:
+            cmd = [sys.executable, __file__, "--one", "--trials", str(trials), "--storage", storage,
+                   "--seconds", str(args.seconds), "--epochs", str(args.epochs), "--concurrent", str(args.concurrent),
+                   "--checkpoint-mib", str(args.checkpoint_mib), "--block", str(args.block)]
+            print("running", " ".join(cmd[2:]), flush=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, start_new_session=True)
+            line = [x for x in done.stdout.splitlines() if x.startswith("SCALE-RESULT ")]
+            if not line:
+                print(done.stdout[-3000:], done.stderr[-6000:])
+                raise SystemExit(f"the {trials}-trial search on {storage} failed")
+            runs.append({**json.loads(line[-1][13:]), "label": args.label})
+            print_run(runs[-1])
+    found = direct(args.direct) if args.direct else []
+    if found:
+        print(table(DIRECT_HEADER, direct_rows(found)))
+    if args.save:
+        Path(args.save).write_text(json.dumps({"runs": runs, "direct": found, "args": vars(args)}))
+    earlier = [json.loads(Path(p).read_text()) for p in args.compare]
+    if not args.no_record:
+        write_results(args, [r for e in earlier for r in e["runs"]] + runs,
+                      [(e["args"]["label"], e["direct"]) for e in earlier] + [(args.label, found)])
+
+
+def print_run(run: dict) -> None:
+    print(f"{run.get('label', '')} {run['trials']} trials, {run['storage']}: {run['wall_s']:.0f} s, report "
+          f"{run['report_s']:.1f} s, report.html {run['report_html_bytes'] / 2**20:.2f} MiB, driver peak "
+          f"{run['peak_rss_mib']:.0f} MiB")
+    print(table(BLOCK_HEADER, block_rows(run)), flush=True)
+
+
+def table(header, rows) -> str:
+    from record import table as markdown
+
+    return markdown(header, rows)
+
+
+def write_results(args, runs: list[dict], directs: list[tuple[str, list]]) -> None:
+    from record import record
+
+    parts = []
+    for run in runs:
+        parts.append(f"**{run.get('label') or 'run'}: {run['trials']} trials, {run['storage']}** ({run['seconds']:g} s "
+                     f"epochs, {run['concurrent']} at once): {run['wall_s']:.0f} s in all; report {run['report_s']:.1f} s, "
+                     f"report.html {run['report_html_bytes'] / 2**20:.2f} MiB; driver peak memory "
+                     f"{run['peak_rss_mib']:.0f} MiB\n\n" + table(BLOCK_HEADER, block_rows(run)))
+    for label, found in directs:
+        if found:
+            parts.append(f"**{label or 'run'}: the growing parts driven directly**\n\n" + table(DIRECT_HEADER, direct_rows(found)))
+    if runs:
+        plot(runs, Path(__file__).parent / "scale.png")
+        parts.append("![driver CPU and storage writes per block](scale.png)")
+    record(8, "Scale: 100 to 1,000 trials through the real stack", command="python benchmarks/scale.py "
+           + " ".join(sys.argv[1:]), body="\n\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
