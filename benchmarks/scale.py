@@ -15,8 +15,8 @@ objects and bytes written; a folder: bytes the driver wrote, from /proc/self/io)
 experiment snapshots (forced ones apart; the seconds they took: Ray's own share), the seconds of
 our own per-result callbacks, and TPE's suggestion latency (`StudySearch.suggest`, the study
 copy into s3:// included). At the end: the report's time, report.html's size and the driver's
-peak memory. Then the parts that grow, driven directly up to `--direct` trials (no Ray): one
-search-state write, one study copy, one TPE suggestion (demo space, 16 trials running), the
+peak memory. Then the parts that grow, driven directly up to `--direct` trials (no Ray,
+benchmarks/scale_parts.py): one search-state write, one study copy, one TPE suggestion, the
 report. Target (issue 17): last block within 1.25x of the first; wall within 1.3x of the ideal.
 """
 from __future__ import annotations
@@ -31,11 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from scale_parts import DIRECT_HEADER, SPACE, direct, direct_rows
 
 REPO = Path(__file__).resolve().parent.parent
-SPACE = {"learning_rate": {"loguniform": [1.0e-5, 3.0e-3]}, "augment_strength": {"uniform": [0.0, 0.3]},
-         "dropout": {"uniform": [0.0, 0.3]}}  # configs/demo.yaml's
 
 COUNTING_S3 = r"""
 import json, logging, sys, threading
@@ -206,104 +204,6 @@ BLOCK_HEADER = ["trials", "wall s", "wall/ideal", "driver CPU ms/result", "MiB w
                 "snapshots (forced)", "snapshot share of wall", "our callbacks ms/result", "TPE suggest ms mean/max"]
 
 
-# --- the growing parts, driven directly --------------------------------------------------------
-
-def synthetic(n: int, start: int, rng, epochs: int = 5):
-    """Trials start..n-1: a study entry (5 epochs, ASHA-like ends) and a trials.csv row each."""
-    import optuna
-    from optuna.distributions import FloatDistribution
-
-    dists = {"learning_rate": FloatDistribution(1e-5, 3e-3, log=True),
-             "augment_strength": FloatDistribution(0.0, 0.3), "dropout": FloatDistribution(0.0, 0.3)}
-    entries, rows = [], []
-    for i in range(start, n):
-        params = {"learning_rate": float(10 ** rng.uniform(-5, -2.53)), "augment_strength": rng.uniform(0, .3),
-                  "dropout": rng.uniform(0, .3)}
-        ran = [1, 3, 5][min(2, int(rng.exponential(0.5)))]
-        curve = [float(12 + 20 * np.exp(-0.6 * e) + rng.normal(0, .5)) for e in range(1, ran + 1)]
-        state = optuna.trial.TrialState.COMPLETE if ran == epochs else optuna.trial.TrialState.PRUNED
-        entries.append(optuna.trial.create_trial(
-            params=params, distributions=dists, state=state, value=min(curve) if ran == epochs else curve[-1],
-            intermediate_values=dict(enumerate(curve, 1)), user_attrs={"ray_trial_id": f"t{i:05d}"}))
-        rows.append({"trial_id": f"t{i:05d}", "status": "completed" if ran == epochs else "stopped_early",
-                     "epochs": ran, "best_val_mae": min(curve), "last_val_mae": curve[-1], "val_mae_per_epoch": curve,
-                     "time_s": 2.0 * ran, "node_id": "n", "host": "h", "best_epoch": int(np.argmin(curve)) + 1,
-                     "ended": "" if ran == epochs else "asha", **{f"param.{k}": v for k, v in params.items()}})
-    return entries, rows
-
-
-def timed(fn, repeat: int = 3) -> float:
-    took = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        took.append(time.perf_counter() - start)
-    return min(took)
-
-
-def direct(sizes: list[int]) -> list[dict]:
-    """One state write, one study copy, one TPE suggestion and the report, at each size."""
-    import optuna
-    import pandas as pd
-
-    from tuning.config import load_search_config
-    from tuning.experiment import Experiment
-    from tuning.html_report import write_html_report
-    from tuning.progress import SearchProgress, StudySync
-    from tuning.report import draw_plots
-    from tuning.study import make_sampler
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    work = Path(tempfile.mkdtemp(prefix="scale-direct-"))
-    exp = Experiment("direct", f"file://{work}/bucket", work / "local")
-    exp.local_dir.mkdir(parents=True)
-    cfg = load_search_config(None, [f"tune.space={json.dumps(SPACE)}", "tune.n_startup_trials=10"])
-    study = optuna.create_study(storage=f"sqlite:///{exp.local_dir / 'optuna.db'}", study_name="direct",
-                                sampler=make_sampler(cfg))
-    progress, rng, rows, found = SearchProgress(exp, 0, 0, 1), np.random.default_rng(0), [], []
-    for n in sizes:
-        entries, new = synthetic(n, len(rows), rng)
-        study.add_trials(entries)
-        rows += new
-        for row in new:
-            progress.state["trial_seconds"][row["trial_id"]] = row["time_s"]
-            progress.state["trial_brackets"][row["trial_id"]] = 0
-        progress.state["asha_stopped"] = [r["trial_id"] for r in rows if r["epochs"] < 5]
-        progress.state["rungs"] = [{str(m): {r["trial_id"]: r["val_mae_per_epoch"][m - 1] for r in rows
-                                             if r["epochs"] >= m} for m in (1, 3)}]
-        write = timed(progress.save)
-        sync = timed(StudySync(exp).sync)
-        running = [study.ask() for _ in range(16)]  # constant_liar: the running trials count
-        suggest = timed(lambda: study.tell(study.ask(), state=optuna.trial.TrialState.FAIL), 3)
-        for trial in running:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        trials = pd.DataFrame(rows)
-        summary = {"name": "direct", "num_trials": n, "storage": exp.uri, "study": "sqlite:///optuna.db",
-                   "best": {"trial_id": rows[0]["trial_id"], "val_mae": rows[0]["best_val_mae"], "params": {},
-                            "epochs": 5}, "test_metrics": None, "retrain_epochs": None, "retrain_epochs_rule": "",
-                   "budget_stop": None, "retrain": None, "predictions_csv": None, "wall_time_s": 1.0,
-                   "search_time_s": 1.0, "gpu_hours": 1.0, "reproduce": "", "split_sizes": {}, "final_dir": None}
-        start = time.perf_counter()
-        write_html_report(exp.local_dir, trials, study, summary, draw_plots(exp.local_dir, trials, study, summary))
-        report = time.perf_counter() - start
-        found.append({"trials": n, "state_write_ms": write * 1e3, "state_kib": (exp.local_dir /
-                      "search_state.json").stat().st_size / 1024, "study_sync_ms": sync * 1e3,
-                      "study_mib": (exp.local_dir / "optuna.db").stat().st_size / 2**20, "suggest_ms": suggest * 1e3,
-                      "report_s": report, "report_html_mib": (exp.local_dir / "report.html").stat().st_size / 2**20})
-        print(found[-1], flush=True)
-    return found
-
-
-DIRECT_HEADER = ["trials", "state write ms", "state KiB", "study copy ms", "study MiB", "TPE suggest ms",
-                 "report s", "report.html MiB"]
-
-
-def direct_rows(found: list[dict]) -> list[list]:
-    return [[d["trials"], f"{d['state_write_ms']:.1f}", f"{d['state_kib']:.0f}", f"{d['study_sync_ms']:.0f}",
-             f"{d['study_mib']:.1f}", f"{d['suggest_ms']:.0f}", f"{d['report_s']:.1f}", f"{d['report_html_mib']:.2f}"]
-            for d in found]
-
-
 # --- the whole benchmark -------------------------------------------------------------------------
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -329,7 +229,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, nargs="+", default=[100, 300, 1000])
+    parser.add_argument("--trials", type=int, nargs="*", default=[100, 300, 1000], help="none: the direct part only")
     parser.add_argument("--storage", nargs="+", default=["s3", "folder"], choices=["s3", "folder"])
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per epoch")
     parser.add_argument("--epochs", type=int, default=5)

@@ -240,8 +240,9 @@ class StudySync(tune.Callback):
     Ray's own saved state. Ray calls `get_state` after it wrote its searcher's state and before it
     uploads it, so the copy in the storage always knows every study entry that the searcher's
     saved state maps a trial to (the searcher copied it at every suggestion before: one copy of
-    the whole study per trial, O(n^2) over a search). The study's URL is the experiment folder's unless `url` names another SQLite
-    file; computed on the head that runs, as the experiment's folder is."""
+    the whole study per trial, O(n^2) over a search). The study's URL is the experiment
+    folder's unless `url` names another SQLite file; computed on the head that runs, as the
+    experiment's folder is."""
 
     def __init__(self, exp, url: str | None = None):
         from tuning.study import default_study_url
