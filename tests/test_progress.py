@@ -172,6 +172,7 @@ def test_what_holds_every_trial_is_written_at_ray_snapshots_never_per_result_or_
     cfg = load_search_config(None, ["train.epochs=3", "tune.space={learning_rate: {loguniform: [1.0e-5, 1.0]}}"])
     searcher = make_searcher(cfg, parse_space(cfg), study_url(cfg, exp.local_dir), "exp", "val_mae", "min", exp=exp)
     progress, sync = SearchProgress(exp, 0, 0, 1.0), StudySync(exp, study_url(cfg, exp.local_dir))
+    scheduler = Scheduler(progress, time_attr="epoch", metric="val_mae", mode="min", max_t=9, grace_period=1)
     progress.get_state(), sync.get_state()  # Ray's first snapshot, at the start
 
     def written():
@@ -184,6 +185,8 @@ def test_what_holds_every_trial_is_written_at_ray_snapshots_never_per_result_or_
     for i in range(2000):
         t, result = trial(f"t{i}"), {"time_total_s": 1.0, "epoch": 1, "val_mae": 30.0}
         searcher.suggest(t.trial_id) if i < 5 else None  # (TPE's time is benchmark 8's)
+        scheduler.on_trial_add(None, t)
+        scheduler.on_trial_result(None, t, result)
         for callback in (progress, sync):
             callback.on_trial_start(0, [], t)
             callback.on_trial_result(0, [], t, result)
@@ -191,10 +194,12 @@ def test_what_holds_every_trial_is_written_at_ray_snapshots_never_per_result_or_
             callback.on_trial_error(0, [], t)
     assert written() == before
     assert len(progress.state["trial_seconds"]) == 2000  # counted in memory
+    assert not any(progress.state["rungs"][0].values())  # the rungs (every trial) not copied per result
     progress.get_state(), sync.get_state()  # Ray's next snapshot writes both, here and stored
     after = written()
     assert all(after[name] != before[name] for name in before), (before, after)
-    assert len(json.loads((stored / STATE_FILE).read_text())["trial_seconds"]) == 2000
+    saved = json.loads((stored / STATE_FILE).read_text())
+    assert len(saved["trial_seconds"]) == 2000 and len(saved["rungs"][0]["1"]) == 2000
 
 
 def test_ray_forces_no_snapshot_per_checkpoint(tmp_path):

@@ -72,6 +72,8 @@ class SearchProgress(tune.Callback, tune.Stopper):
         return sum(self.state["trial_seconds"].values()) * self.gpus_per_trial / 3600.0
 
     def save(self, publish: bool = False) -> None:
+        for record in self.__dict__.get("recorders", ()):  # the scheduler's rungs, copied only now
+            record()
         state = {**self.state, "elapsed_s": self.elapsed_s()}
         self.exp.local_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.exp.local_dir / STATE_FILE, json.dumps(state, separators=(",", ":")))
@@ -135,6 +137,9 @@ class Scheduler(ASHAScheduler):
         super().__init__(**asha)
         self.progress, self.max_running = progress, max_running
         self._restored = False
+        self._stopped: set[str] = set()
+        # the rungs hold every trial: copied into the state when it is saved, not per result
+        progress.recorders = [*progress.__dict__.get("recorders", ()), self._record]
 
     def __setstate__(self, state):  # unpickled by a resume: rebuild the rungs on first use
         self.__dict__.update(state)
@@ -152,6 +157,9 @@ class Scheduler(ASHAScheduler):
                 recorded.update(rungs.get(f"{milestone:g}", {}))
 
     def _record(self) -> None:
+        stopped = self.__dict__.get("_stopped")
+        if stopped:
+            self.progress.state["asha_stopped"] = sorted({*self.progress.state["asha_stopped"], *stopped})
         self.progress.state["rungs"] = [{f"{milestone:g}": dict(recorded) for milestone, recorded in bracket._rungs}
                                         for bracket in self._brackets]
 
@@ -186,13 +194,8 @@ class Scheduler(ASHAScheduler):
         self._restore()
         action = super().on_trial_result(tune_controller, trial, result)
         if action == self.STOP and result.get(self._time_attr, 0) < self._max_t:
-            self.progress.state["asha_stopped"] = sorted({*self.progress.state["asha_stopped"], trial.trial_id})
-        self._record()
+            self.__dict__.setdefault("_stopped", set()).add(trial.trial_id)
         return action
-
-    def on_trial_complete(self, tune_controller, trial, result):
-        super().on_trial_complete(tune_controller, trial, result)
-        self._record()
 
     def on_trial_error(self, tune_controller, trial):
         """Ray 2.60 sets a trial whose process died to ERROR without marking it for the experiment
