@@ -88,8 +88,9 @@ def direct(sizes: list[int]) -> list[dict]:
                                              if r["epochs"] >= m} for m in (1, 3)}]
         write = timed(progress.save)
         sync = timed(StudySync(exp).sync)
-        running = [study.ask() for _ in range(16)]  # constant_liar: the running trials count
-        suggest = timed(lambda: study.tell(study.ask(), state=optuna.trial.TrialState.FAIL), 3)
+        space = entries[0].distributions if entries else {}
+        running = [study.ask(space) for _ in range(16)]  # constant_liar: the running trials count
+        suggest = timed(lambda: study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL), 3)
         for trial in running:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         trials = pd.DataFrame(rows)
