@@ -16,7 +16,7 @@ mlflow.db (one run per Ray trial), report.html and the rest in the storage.
 Cost: about 75 s on 2 busy cores (measured: see the end of this docstring), most of it Ray's
 start-up: two Ray starts, one in this process, shared by the SIGINT case's two sessions and by the
 new head's session (its driver has its own HOME; replayed trials never read theirs), and one by
-the killed head's subprocess; 3 trials of 3 epochs of 0.5 s; MLflow only where the head is lost.
+the killed head's subprocess; 3 trials of 3 epochs of 1 s; MLflow only where the head is lost.
 It cannot share tests/test_study_truth.py's `truth_search` (a folder storage, resumed on the same
 head, budget-cut) nor tests/test_multinode.py's cluster (real training, 6 minutes, a worker lost,
 not the head). The pieces (a remote experiment unpickled on a new head, publish and fetch, the
@@ -53,7 +53,7 @@ def write_config(tmp_path, phantom_root, name: str, mlflow: bool) -> Path:
                     "retrain": False, "mlflow": mlflow,
                     "space": {"learning_rate": {"loguniform": [1.0e-5, 1.0e-2]}},
                     "points_to_evaluate": [{"learning_rate": rate} for rate in POINTS],
-                    "replay": {"curves": "formula", "seconds_per_epoch": 0.5, "checkpoint_mib": 0.01}}}
+                    "replay": {"curves": "formula", "seconds_per_epoch": 1.0, "checkpoint_mib": 0.01}}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -67,17 +67,19 @@ def stored_results(experiment: str) -> dict[str, list[dict]]:
             lines = [json.loads(line) for line in s3_read(f"{experiment}/{path}").splitlines() if line.strip()]
         except (OSError, ValueError):  # an upload in flight
             continue
-        found[path.split("/")[0]] = lines
+        if lines:  # (a trial that has not reported yet: nothing to keep or continue)
+            found[path.split("/")[0]] = lines
     return found
 
 
 def mid_search(experiment: str) -> bool:
     """A trial has finished, and another is in flight with its last epoch's checkpoint in the
     storage and in the experiment state there: a stop now must keep the one and continue the
-    other. (Ray uploads its experiment state at most once a second here, in the background: a
-    head killed before the state that knows a trial reached the storage loses that trial, which
-    a resume then cannot continue. A snapshot torn by the kill, its searcher state older or newer
-    than its trials, is survived: see the tests of the pieces below.)"""
+    other. The storage lags the trials by up to Ray's snapshot period (1 s here): epochs of 1 s
+    leave the one in flight two more epochs. (A head killed before the state that knows a trial
+    reached the storage loses that trial, which a resume then cannot continue. A snapshot torn by
+    the kill, its searcher state older or newer than its trials, is survived: see the tests of
+    the pieces below.)"""
     files, results = s3_files(experiment), stored_results(experiment)
     states = []
     for path in (f for f in files if f.startswith("experiment_state") and f.endswith(".json")):
@@ -108,6 +110,12 @@ def check_resumed(tmp_path, name: str, before: dict[str, list[dict]], with_mlflo
             else epochs
         assert resumed and resumed[0] > 1 and resumed == sorted(set(resumed)) and resumed[-1] == EPOCHS, \
             (trial, [r["epoch"] for r in before[trial]], epochs)
+
+    # the search over, each trial keeps only its last checkpoint (tuning.search.trim_checkpoints)
+    files = s3_files(experiment)
+    for trial in after:
+        kept = {p.split("/")[1] for p in files if p.startswith(f"{trial}/checkpoint_")}
+        assert kept == {f"checkpoint_{after[trial][-1]['epoch'] - 1:06d}"}, (trial, kept)
 
     # the study, trials.csv, the report, the search state and MLflow, all from the storage
     local = tmp_path / f"{name}-stored"

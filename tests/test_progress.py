@@ -152,3 +152,65 @@ def test_restored_trials_count_toward_max_running_and_wait_their_turn(tmp_path):
     limiter.on_trial_complete("cut", {"val_mae": 1.0})
     assert scheduler.choose_trial_to_run(controller).trial_id == "errored"
     assert limiter.suggest("new") is None  # "errored" still holds the one slot
+
+
+def test_what_holds_every_trial_is_written_at_ray_snapshots_never_per_result_or_trial(tmp_path):
+    """search_state.json and the study copy each hold every trial: written per result or per
+    trial, a search of n trials cost O(n^2) (issue 17, benchmarks/scale.py). 2,000 trials' starts,
+    results and ends here write neither, locally or into the storage; Ray's snapshot (get_state)
+    writes both. Milliseconds; no Ray."""
+    import optuna
+
+    from tuning.config import load_search_config
+    from tuning.progress import StudySync
+    from tuning.space import parse_space
+    from tuning.study import STUDY_DB, make_searcher, study_url
+
+    exp = Experiment("exp", f"file://{tmp_path}/bucket", tmp_path / "local" / "exp")
+    exp.local_dir.mkdir(parents=True)
+    stored = tmp_path / "bucket" / "exp"
+    cfg = load_search_config(None, ["train.epochs=3", "tune.space={learning_rate: {loguniform: [1.0e-5, 1.0]}}"])
+    searcher = make_searcher(cfg, parse_space(cfg), study_url(cfg, exp.local_dir), "exp", "val_mae", "min", exp=exp)
+    progress, sync = SearchProgress(exp, 0, 0, 1.0), StudySync(exp, study_url(cfg, exp.local_dir))
+    scheduler = Scheduler(progress, time_attr="epoch", metric="val_mae", mode="min", max_t=9, grace_period=1)
+    progress.get_state(), sync.get_state()  # Ray's first snapshot, at the start
+
+    def written():
+        files = (exp.local_dir / STATE_FILE, stored / STATE_FILE, stored / STUDY_DB)  # (the study itself: here)
+        return {str(path): path.stat().st_mtime_ns for path in files if path.exists()}
+
+    before = written()
+    assert len(before) == 3, before
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for i in range(2000):
+        t, result = trial(f"t{i}"), {"time_total_s": 1.0, "epoch": 1, "val_mae": 30.0}
+        searcher.suggest(t.trial_id) if i < 5 else None  # (TPE's time is benchmark 8's)
+        scheduler.on_trial_add(None, t)
+        scheduler.on_trial_result(None, t, result)
+        for callback in (progress, sync):
+            callback.on_trial_start(0, [], t)
+            callback.on_trial_result(0, [], t, result)
+            callback.on_trial_complete(0, [], t)
+            callback.on_trial_error(0, [], t)
+    assert written() == before
+    assert len(progress.state["trial_seconds"]) == 2000  # counted in memory
+    assert not any(progress.state["rungs"][0].values())  # the rungs (every trial) not copied per result
+    progress.get_state(), sync.get_state()  # Ray's next snapshot writes both, here and stored
+    after = written()
+    assert all(after[name] != before[name] for name in before), (before, after)
+    saved = json.loads((stored / STATE_FILE).read_text())
+    assert len(saved["trial_seconds"]) == 2000 and len(saved["rungs"][0]["1"]) == 2000
+
+
+def test_ray_forces_no_snapshot_per_checkpoint(tmp_path):
+    """CheckpointConfig(num_to_keep) makes Ray snapshot the whole experiment whenever a trial has
+    checkpointed that many times: O(trials) per checkpoint (issue 17). The tuner is built, not run."""
+    from tuning.config import load_search_config
+    from tuning.search import make_tuner
+
+    cfg = load_search_config(None, ["tune.replay.curves=formula", "tune.retrain=false",
+                                    "tune.space={learning_rate: {loguniform: [1.0e-5, 1.0]}}"])
+    exp = experiment(tmp_path)
+    exp.local_dir.mkdir()
+    tuner = make_tuner(cfg, exp, None, None, resume=False)
+    assert tuner._local_tuner.get_run_config().checkpoint_config.num_to_keep is None

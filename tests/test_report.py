@@ -242,3 +242,23 @@ def test_report_html_shows_the_dashboard_command_of_the_study_it_used(tmp_path, 
     page = write_html_report(exp, make_trials(), None, summary, []).read_text()
     assert command.format(exp=exp) in page.replace("&quot;", '"')
     assert page.count("optuna-dashboard") == 1
+
+
+def test_plots_of_many_trials_colour_the_best_and_draw_the_rest_as_one_grey_artist():
+    """At 1,000 trials a line per trial made the plots slow and unreadable (issue 17): the best
+    COLOURED trials are lines, the rest one collection, and the title says so. About a second."""
+    from tuning.report import COLOURED, _plot_curves, _plot_parallel, _pyplot
+
+    rng = np.random.default_rng(0)
+    n = COLOURED + 70
+    curves = [list(20 + 10 * rng.random() + np.arange(rng.integers(1, 6))[::-1]) for _ in range(n)]
+    trials = pd.DataFrame({"trial_id": [f"t{i:03d}" for i in range(n)], "val_mae_per_epoch": curves,
+                           "best_val_mae": [min(c) for c in curves], "param.dropout": rng.random(n),
+                           "param.learning_rate": 10 ** rng.uniform(-5, -2, n)})
+    best = trials.loc[trials["best_val_mae"].idxmin(), "trial_id"]
+    for fig in (_plot_curves(trials, best), _plot_parallel(trials, None)):
+        ax = fig.axes[0]
+        assert len(ax.collections) == 1 and len(ax.collections[0].get_segments()) == n - COLOURED
+        trial_lines = [line for line in ax.lines if line.get_marker() == "o"]  # (not the axes drawn)
+        assert len(trial_lines) == COLOURED and f"best {COLOURED}" in ax.get_title(), ax.get_title()
+        _pyplot().close(fig)

@@ -5,14 +5,23 @@
     searcher = Limiter(searcher, max_concurrent=2)   # passes on trials restored by a resume
     StudySync(exp, url)                          # a SQLite study (and mlflow.db) copied into remote storage
 
+What is saved is saved when Ray snapshots the experiment (Ray calls every callback's `get_state`
+then, just after it wrote the trials' states and the searcher's) and when the search stops,
+never per result or per trial: each of these files holds every trial, so writing one per result
+made a search of n trials cost O(n^2) (issue 17; benchmarks/scale.py). Ray spaces its snapshots
+so that they take at most 5% of the time (`TUNE_GLOBAL_CHECKPOINT_S`, default "auto": every
+10 s or more), which bounds our writes the same way. A crash loses what happened since the last
+snapshot, and so does Ray's own state: both come back from the same moment, so a resumed trial's
+rungs, seconds and study entry agree with the trial Ray restores.
+
 Ray restores trials and the searcher after a crash, but not the scheduler's rungs, nor the time
 spent: after `--resume`, ASHA would start with empty rungs (its next decisions compare trials
 with nothing) and `tune.time_budget_s` and `tune.gpu_hours_budget` would start again from zero,
 the cost guard of a multi-day run on rented GPUs. So `search_state.json` in the experiment folder
 keeps: the seconds the search has run in earlier sessions, each trial's running seconds, ASHA's
 rungs (every bracket's) and each trial's bracket, the trials it stopped, and which budget (if any)
-ended the search. It is written on every result and copied into the storage when a trial starts or ends and when the search stops;
-`--resume` fetches it back (never over a newer local copy).
+ended the search. It is written, and copied into the storage, at each of Ray's experiment
+snapshots and when the search stops; `--resume` fetches it back (never over a newer local copy).
 
 The scheduler also enforces `tune.max_concurrent_trials` on every trial it starts, including
 trials restored by a resume (Ray's concurrency limiter counts only the trials it suggested
@@ -63,9 +72,11 @@ class SearchProgress(tune.Callback, tune.Stopper):
         return sum(self.state["trial_seconds"].values()) * self.gpus_per_trial / 3600.0
 
     def save(self, publish: bool = False) -> None:
+        for record in self.__dict__.get("recorders", ()):  # the scheduler's rungs, copied only now
+            record()
         state = {**self.state, "elapsed_s": self.elapsed_s()}
         self.exp.local_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.exp.local_dir / STATE_FILE, json.dumps(state, indent=1))
+        write_atomic(self.exp.local_dir / STATE_FILE, json.dumps(state, separators=(",", ":")))
         if publish:
             self.exp.publish([STATE_FILE])
 
@@ -99,17 +110,12 @@ class SearchProgress(tune.Callback, tune.Stopper):
     # this instance saves. So the callback keeps the trial seconds too, and at the end records a
     # budget that the copy met, or search_state.json would forget both.
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self(trial.trial_id, result)
-        self.save()
+        self(trial.trial_id, result)  # in memory: saved at Ray's next snapshot
 
-    def on_trial_start(self, iteration, trials, trial, **info):
+    def get_state(self):
+        """Ray's experiment snapshot: save beside it. None: Ray keeps no state file of ours."""
         self.save(publish=True)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.save(publish=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.save(publish=True)
+        return None
 
     def on_experiment_end(self, trials, **info):
         self.stop_all()
@@ -131,6 +137,9 @@ class Scheduler(ASHAScheduler):
         super().__init__(**asha)
         self.progress, self.max_running = progress, max_running
         self._restored = False
+        self._stopped: set[str] = set()
+        # the rungs hold every trial: copied into the state when it is saved, not per result
+        progress.recorders = [*progress.__dict__.get("recorders", ()), self._record]
 
     def __setstate__(self, state):  # unpickled by a resume: rebuild the rungs on first use
         self.__dict__.update(state)
@@ -148,6 +157,9 @@ class Scheduler(ASHAScheduler):
                 recorded.update(rungs.get(f"{milestone:g}", {}))
 
     def _record(self) -> None:
+        stopped = self.__dict__.get("_stopped")
+        if stopped:
+            self.progress.state["asha_stopped"] = sorted({*self.progress.state["asha_stopped"], *stopped})
         self.progress.state["rungs"] = [{f"{milestone:g}": dict(recorded) for milestone, recorded in bracket._rungs}
                                         for bracket in self._brackets]
 
@@ -214,13 +226,8 @@ class Scheduler(ASHAScheduler):
         self._restore()
         action = super().on_trial_result(tune_controller, trial, result)
         if action == self.STOP and result.get(self._time_attr, 0) < self._max_t:
-            self.progress.state["asha_stopped"] = sorted({*self.progress.state["asha_stopped"], trial.trial_id})
-        self._record()
+            self.__dict__.setdefault("_stopped", set()).add(trial.trial_id)
         return action
-
-    def on_trial_complete(self, tune_controller, trial, result):
-        super().on_trial_complete(tune_controller, trial, result)
-        self._record()
 
     def on_trial_error(self, tune_controller, trial):
         """Ray 2.60 sets a trial whose process died to ERROR without marking it for the experiment
@@ -264,11 +271,14 @@ def backup_sqlite(url: str, target: Path) -> bool:
 
 class StudySync(tune.Callback):
     """On the driver, for an s3:// (or other remote) storage: copy the SQLite study and the
-    default MLflow database (`mlflow.db`) into the storage when a trial starts, reports or ends
-    and when the search stops (the searcher also copies the study when it suggests a trial), so
-    a lost head loses at most the epoch in flight, and `--resume` on a fresh head starts from
-    the copies. The study's URL is the experiment folder's unless `url` names another SQLite
-    file; computed on the head that runs, as the experiment's folder is."""
+    default MLflow database (`mlflow.db`) into the storage at each of Ray's experiment snapshots
+    and when the search stops, so `--resume` on a fresh head starts from copies of the moment of
+    Ray's own saved state. Ray calls `get_state` after it wrote its searcher's state and before it
+    uploads it, so the copy in the storage always knows every study entry that the searcher's
+    saved state maps a trial to (the searcher copied it at every suggestion before: one copy of
+    the whole study per trial, O(n^2) over a search). The study's URL is the experiment
+    folder's unless `url` names another SQLite file; computed on the head that runs, as the
+    experiment's folder is."""
 
     def __init__(self, exp, url: str | None = None):
         from tuning.study import default_study_url
@@ -293,17 +303,11 @@ class StudySync(tune.Callback):
             made = [name for url, name in copies if backup_sqlite(url, Path(folder) / name)]
             self.exp.publish(made, Path(folder))
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.sync(mlflow=True)  # the trial's MLflow run is there: a resume finds it, not a second one
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.sync()  # the epoch just reported (a resumed trial's entry then holds every epoch)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
+    def get_state(self):
+        """Ray's experiment snapshot (the MLflow runs of the trials it saves are in mlflow.db:
+        a resume finds them, not a second one). None: Ray keeps no state file of ours."""
         self.sync(mlflow=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.sync(mlflow=True)
+        return None
 
     def on_experiment_end(self, trials, **info):
         self.sync(mlflow=True)

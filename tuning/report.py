@@ -30,6 +30,9 @@ PARAM = "param."
 LIST_COLUMN = "val_mae_per_epoch"
 TEXT_COLUMNS = ("trial_id", "status", "node_id", "host", "ended")
 TOP_TRIALS = 20
+# plots draw the best this many trials in colour and the rest as one grey collection: a line
+# artist per trial made the report's time grow with the trials and 1,000 lines unreadable
+COLOURED = 50
 # PED-ANOVA: how far each parameter's values in the best 10% of trials stray from its values in all
 IMPORTANCE_LABEL = "importance (PED-ANOVA: best 10% of trials vs all; sums to 1)"
 
@@ -189,15 +192,24 @@ def _plot_parallel(trials: pd.DataFrame, study):
     norm = plt.Normalize(mae.min(), top if top > mae.min() else mae.min() + 1)
     cmap = plt.get_cmap("viridis")  # best dark, worst pale
     lines = np.column_stack([pos for pos, _, _ in axes])
+    rest = len(mae) - COLOURED
+    if rest > 0:  # the others in grey, one artist
+        from matplotlib.collections import LineCollection
+
+        xs = np.arange(len(columns))
+        ax.add_collection(LineCollection([np.column_stack([xs, line]) for line in lines[:rest]], colors="0.75",
+                                         linewidths=0.6, alpha=0.5))
     for i, (line, value) in enumerate(zip(lines, mae)):  # worst first, so the best lie on top
-        ax.plot(range(len(columns)), line, c=cmap(norm(value)), alpha=0.85, lw=2.5 if i == len(mae) - 1 else 1.3,
-                marker="o", ms=3)
+        if i >= rest:
+            ax.plot(range(len(columns)), line, c=cmap(norm(value)), alpha=0.85,
+                    lw=2.5 if i == len(mae) - 1 else 1.3, marker="o", ms=3)
     for i, (_, ticks, _) in enumerate(axes):
         ax.axvline(i, c="0.5", lw=0.8)
         for pos, label in ticks:
             ax.text(i + 0.03, pos, label, fontsize=8, va="center", color="0.25")
     ax.set_xticks(range(len(columns)), [label for _, _, label in axes], rotation=20)
-    ax.set(yticks=[], ylim=(-0.05, 1.05), xlim=(-0.2, len(columns) - 0.6), title="Trials across the search space")
+    title = "Trials across the search space" + (f" (the best {COLOURED} of {len(mae)} in colour)" if rest > 0 else "")
+    ax.set(yticks=[], ylim=(-0.05, 1.05), xlim=(-0.2, len(columns) - 0.6), title=title)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="best validation MAE (months)",
                  extend="max" if top < mae.max() else "neither")
     return fig
@@ -209,8 +221,18 @@ def _plot_curves(trials: pd.DataFrame, best_id):
     if not curves:
         raise Unavailable("no trial reported a per-epoch validation MAE")
     fig, ax = _pyplot().subplots(figsize=(8, 4.5))
-    for trial_id, c in curves.items():
-        if trial_id != best_id:
+    best = dict(zip(trials["trial_id"], trials["best_val_mae"].to_numpy(float)))
+    ranked = sorted(curves, key=lambda t: best[t] if np.isfinite(best[t]) else np.inf)
+    coloured = set(ranked[:COLOURED])
+    if len(ranked) > COLOURED:  # the others in grey, one artist
+        from matplotlib.collections import LineCollection
+
+        ax.add_collection(LineCollection([np.column_stack([np.arange(1, len(curves[t]) + 1),
+                                                           np.where(np.isfinite(curves[t]), curves[t], np.nan)])
+                                          for t in ranked[COLOURED:]], colors="0.75", linewidths=0.6, alpha=0.5))
+    for trial_id in ranked:
+        if trial_id in coloured and trial_id != best_id:
+            c = curves[trial_id]
             ax.plot(np.arange(1, len(c) + 1), c, c="tab:blue", alpha=0.35, lw=1, marker="o", ms=3)
     if best_id in curves:
         c = curves[best_id]
@@ -220,7 +242,8 @@ def _plot_curves(trials: pd.DataFrame, best_id):
     values = values[np.isfinite(values)]
     ax.set_ylim(0, 1.05 * min(values.max(), 3 * np.percentile(values, 50)))  # first epochs can be huge
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="epoch", ylabel="validation MAE (months)", title=f"Learning curves ({len(curves)} trials)")
+    shown = f"{len(curves)} trials" + (f"; the best {COLOURED} in blue" if len(curves) > COLOURED else "")
+    ax.set(xlabel="epoch", ylabel="validation MAE (months)", title=f"Learning curves ({shown})")
     return fig
 
 

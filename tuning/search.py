@@ -12,8 +12,8 @@ or PRUNED when ASHA, a budget or a divergence stopped it), and ASHA stops the we
 validation MAE. With `tune.replay.curves` set, trials replay learning curves instead of training
 (`tuning.replay`: no TensorFlow, no image preparation, worker processes reused). The
 experiment lives in `tune.storage_path` (a folder, a shared file system or s3://; see
-`tuning.experiment`), the Optuna study in SQLite inside it (copied into s3:// storage as trials
-are suggested, report and end, and when the search stops) or at `tune.optuna_storage` (see
+`tuning.experiment`), the Optuna study in SQLite inside it (copied into s3:// storage at each of
+Ray's experiment snapshots and when the search stops) or at `tune.optuna_storage` (see
 `tuning.study`), so a resumed search continues it, on a new head too. `tensorboard --logdir
 EXPERIMENT` shows every trial's curves, and `tune.mlflow: true` logs the trials to MLflow too
 (`tuning.tracking`). The driver validates the config, the data and the cluster, has every node
@@ -91,7 +91,11 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
             # StudySync last: it copies mlflow.db after the MLflow callback has written a trial's run
             callbacks=[watch, progress] + joining + tracking_callbacks(cfg, exp)
             + ([StudySync(exp, url)] if exp.remote else []),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # no num_to_keep: with it Ray forces an experiment snapshot (every trial's state, the
+            # whole experiment folder uploaded again) whenever a trial has checkpointed that many
+            # times, O(trials) per checkpoint; every checkpoint is kept while the search runs and
+            # `trim_checkpoints` keeps each trial's last once it has ended (issue 17)
+            checkpoint_config=tune.CheckpointConfig(),
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
 
 
@@ -109,6 +113,23 @@ def trial_function(cfg: SearchConfig, splits, expected):
 
     table = None if replay == "formula" else load_curves(replay, cfg)
     return tune.with_parameters(replay_trial, base=dataclasses.asdict(cfg), table=table)
+
+
+def trim_checkpoints(results) -> int:
+    """Delete every checkpoint but each trial's last (the one a resume, the report and the
+    ensemble use), once the search has ended: while it runs Ray keeps them all (see make_tuner),
+    as its saved state may name any of them. Returns how many it deleted."""
+    deleted = 0
+    for result in results:
+        last = result.checkpoint.path if result.checkpoint else None
+        for checkpoint, _ in result.best_checkpoints or []:
+            if checkpoint.path != last:
+                try:
+                    checkpoint.filesystem.delete_dir(checkpoint.path)
+                    deleted += 1
+                except FileNotFoundError:  # deleted by an earlier --retrain-only or resume
+                    pass
+    return deleted
 
 
 def unfinished_trials(results) -> int:
@@ -140,8 +161,6 @@ def start_ray(address: str | None) -> None:
         return
     quiet = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
     os.environ.update(quiet)  # local workers inherit the driver's environment
-    # Checkpointing every epoch with num_to_keep=1 is deliberate; Tune warns about it each time.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     runtime_env = {"env_vars": quiet}
     if address:
         runtime_env["py_modules"] = [str(Path(boneage.__file__).parent), str(Path(tuning.__file__).parent)]
@@ -305,6 +324,7 @@ def search(cfg: SearchConfig, name: str, address: str | None = None, resume: boo
     from tuning.study import open_storage, settle, study_key, study_url
 
     settle(open_storage(study_url(cfg, exp.local_dir), study_key(cfg)), exp.name, results, cfg.train.epochs)
+    trim_checkpoints(results)
     return finish(cfg, exp, results, splits, started)
 
 

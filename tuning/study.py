@@ -193,8 +193,9 @@ class StudySearch(OptunaSearch):
 
     With `exp`, the experiment whose local folder holds the study (the default SQLite one): the
     URL is computed anew on the head that unpickles the searcher (a resume on a new head, whose
-    folder is its own), and for a remote storage the study is copied into it each time a trial
-    is suggested, so the copy always knows every entry Ray's saved searcher maps a trial to.
+    folder is its own). For a remote storage, `tuning.progress.StudySync` copies the study into it
+    at each of Ray's experiment snapshots, after Ray saved this searcher's state and before it
+    uploads it, so the copy always knows every entry Ray's saved searcher maps a trial to.
     """
 
     def __init__(self, *, study_url: str, max_epochs: int = 0, exp=None, **kwargs):
@@ -225,10 +226,11 @@ class StudySearch(OptunaSearch):
     def _adopt(self, trial_id, result) -> str:
         """A trial Ray restored that the restored searcher never suggested: a head killed while
         it uploaded a snapshot can leave the storage with a newer experiment state than searcher
-        state (Ray uploads the files of a snapshot one by one). The study, copied at each suggest,
-        names its entry (`ray_trial_id`): mapped to it, the trial goes on as any other (a crash
-        closed that entry: its end becomes a new one). An entry the study lacks too is made from
-        the trial's configuration, so TPE learns from the trial all the same."""
+        state (Ray uploads the files of a snapshot one by one). The study, copied into the storage
+        at each snapshot before Ray uploads it, names its entry (`ray_trial_id`): mapped to it, the
+        trial goes on as any other (a crash closed that entry: its end becomes a new one). An entry
+        the study lacks too is made from the trial's configuration, so TPE learns from it all the
+        same."""
         import optuna
 
         named = [e for e in self._ot_study.get_trials(deepcopy=False) if e.user_attrs.get(RAY_TRIAL) == trial_id]
@@ -251,11 +253,6 @@ class StudySearch(OptunaSearch):
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr(RAY_TRIAL, trial_id)
-            exp = self.__dict__.get("_exp")
-            if self.__dict__.get("_local_study") and exp.remote:
-                from tuning.progress import StudySync
-
-                StudySync(exp).sync()
         return config
 
     def on_trial_result(self, trial_id, result):
