@@ -148,7 +148,7 @@ def test_a_node_that_kept_only_its_prepared_cache(node, tmp_path):
     node("flat")
     driver = load_splits(cfg.data, **QUIET)
     node("nested")
-    _prepare_on_node(cfg.data, driver, [72], 1)  # the old code: "cannot prepare images: 14 missing"
+    _prepare_on_node(cfg.data, driver, [72], 1, None)  # the old code: "cannot prepare images: 14 missing"
     shutil.rmtree(node.root / "boneage-training-dataset")
     with pytest.raises(InputError, match="no image folder"):
         data.find_image_dir(node.root, "training")  # without the cache, as before

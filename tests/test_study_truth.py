@@ -1,12 +1,13 @@
 """What the Optuna study is told (tuning.study.verdict) and the replay trial (tuning.replay).
 
-One real search of replayed trials (Ray Tune, OptunaSearch, ASHA; the formula's curves at 0.4 s
-an epoch, 1 CPU a trial, the worker process reused), interrupted with SIGINT while its fourth
+One real search of replayed trials (Ray Tune, OptunaSearch, ASHA; the formula's curves at 0.8 s
+an epoch (the interrupted trial's last three epochs are the window in which Ctrl-C must land:
+1.2 s was too short beside another test worker), 1 CPU a trial, the worker process reused), interrupted with SIGINT while its fourth
 trial runs, then resumed with its time budget spent, is shared by the tests that inspect it: one
 trial completes, ASHA stops one at its rung, one diverges, and the interrupted one is closed in
 the study, then cut by the budget and added anew. It runs in this process, as the CLI would,
 with Ray's workers given a `tensorflow` and a `keras` that fail on import: no trial of a replay
-search may import TensorFlow. It costs 35-55 s on 2 busy cores, most of it Ray's start-up; it
+search may import TensorFlow. It costs 40-65 s on 2 busy cores, most of it Ray's start-up; it
 cannot share tests/test_search.py's `finished_search`, which trains for real and is neither
 interrupted nor cut by a budget. The path where a closed trial runs to its end after a resume is
 tested on the searcher itself (real Optuna, no Ray), as are the verdict, the replay's curves and
@@ -248,7 +249,7 @@ def truth_search(tmp_path_factory, phantom_root):
                     "resources": {"cpu": 1, "gpu": 0}, "retrain": False,
                     "space": {"learning_rate": {"loguniform": [1.0e-5, 1.0]}},
                     "points_to_evaluate": [{"learning_rate": rate} for rate in POINTS],
-                    "replay": {"curves": "formula", "seconds_per_epoch": 0.4, "checkpoint_mib": 0.05, "noise": 0.3}}}
+                    "replay": {"curves": "formula", "seconds_per_epoch": 0.8, "checkpoint_mib": 0.05, "noise": 0.3}}}
     config = tmp_path / "truth.yaml"
     config.write_text(yaml.safe_dump(cfg))
     experiment, argv = tmp_path / "experiments" / NAME, ["--config", str(config), "--name", NAME]
