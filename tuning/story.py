@@ -13,6 +13,8 @@ which the entries' start and end times tell.
 """
 from __future__ import annotations
 
+import bisect
+
 import pandas as pd
 
 from tuning.study import RAY_TRIAL
@@ -36,7 +38,7 @@ def suggested_by(study, n_startup: int) -> dict[str, str]:
         if "fixed_params" in entry.system_attrs:
             origins[trial_id] = POINT
         else:
-            before = sum(done <= entry.datetime_start for done in ended)
+            before = bisect.bisect_right(ended, entry.datetime_start)  # ended is sorted: O(log n) an entry
             origins[trial_id] = MODEL if before >= n_startup else STARTUP
     return origins
 
