@@ -5,6 +5,7 @@ and helpers that read the bucket. Import the fixture into a test module:
 """
 import logging
 import os
+import urllib.request
 
 import pytest
 
@@ -13,7 +14,10 @@ BUCKET = "boneage-test"
 
 @pytest.fixture(scope="module")
 def s3_env():
-    """A local S3 server and the environment that points pyarrow (Ray's storage, ours) at it."""
+    """A local S3 server and the environment that points pyarrow (Ray's storage, ours) at it.
+    Moto keeps its buckets in the process, not the server: a module's server would otherwise hold
+    what an earlier module on the same pytest worker left (CI once saw test_multinode's prepared
+    images in test_prepared_store's bucket), so each module starts from an empty store."""
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
@@ -21,6 +25,7 @@ def s3_env():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST")).close()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     saved = {k: os.environ.get(k) for k in env}
