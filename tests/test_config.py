@@ -89,7 +89,7 @@ def test_a_grace_period_longer_than_the_epochs_is_one_message_and_status_2(tmp_p
     from tuning.search import main
 
     storage = tmp_path / "experiments"
-    status = main(["--config", "configs/demo.yaml", "--set", "train.epochs=1",
+    status = main(["--config", "configs/demo.yaml", "--set", "train.epochs=1", "--set", "tune.grace_period=3",
                    "--set", f"tune.storage_path={storage}"])
     err = capsys.readouterr().err
     assert status == 2 and "tune.grace_period (3)" in err and "train.epochs (1)" in err

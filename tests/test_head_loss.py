@@ -374,7 +374,7 @@ def test_a_resumed_limiter_forgets_trials_ray_does_not_know():
     # the count of trials created, from the trials Ray restored (tags "1_...", "3_..."), up or down
     for saved in (1, 5):
         generator = SimpleNamespace(_counter=saved)
-        restored = SimpleNamespace(search_alg=generator, get_trials=lambda: [
-            SimpleNamespace(experiment_tag="1_learning_rate=0.001"), SimpleNamespace(experiment_tag="3_lr=0.1")])
-        Scheduler._count_restored(restored)
+        again = pickle.loads(pickle.dumps(fresh))
+        for tag in ("3_lr=0.1", "1_learning_rate=0.001", ""):  # restored in any order
+            again._count_restored(SimpleNamespace(search_alg=generator), SimpleNamespace(experiment_tag=tag))
         assert generator._counter == 3, saved

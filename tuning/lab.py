@@ -48,7 +48,8 @@ STEPS = 8  # points per full trial of the best-so-far curves
 def make_methods(cfg, recipe: dict | None) -> list[Method]:
     """The methods compared: grace period, reduction factor, brackets and TPE's multivariate
     around the config's own (`tune.*`, the keys a search runs with); "default" is the config as
-    shipped (its brackets, its TPE, the recipe and its points_to_evaluate first)."""
+    shipped (its brackets, its TPE, its points_to_evaluate first, led by the recipe unless the
+    recipe is one of them already)."""
     t, epochs = cfg.tune, cfg.train.epochs
     gp, rf = t.grace_period, t.reduction_factor
     methods = [Method("random", "random"), Method("tpe"),
@@ -68,9 +69,22 @@ def make_methods(cfg, recipe: dict | None) -> list[Method]:
     methods.append(Method(TOP_K, "random"))
     if recipe is not None:
         methods.append(Method("recipe", "recipe"))
+        points = [dict(p) for p in t.points_to_evaluate]
+        if not any(_same_point(recipe, p) for p in points):  # a search runs a point once
+            points.insert(0, recipe)
         methods.append(Method("default", grace_period=gp, reduction_factor=rf, brackets=t.brackets,
-                              points=(recipe, *map(dict, t.points_to_evaluate))))
+                              points=tuple(points)))
     return methods
+
+
+def _same_point(recipe: dict, point: dict) -> bool:
+    """The recipe is one of the config's points_to_evaluate (the demo's first point is)."""
+    def same(a, b):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-9)
+        except (TypeError, ValueError):
+            return str(a) == str(b)
+    return recipe.keys() <= point.keys() and all(same(v, point[k]) for k, v in recipe.items())
 
 
 def iqm(values) -> float:

@@ -143,7 +143,9 @@ class Scheduler(ASHAScheduler):
 
     def __setstate__(self, state):  # unpickled by a resume: rebuild the rungs on first use
         self.__dict__.update(state)
-        self._restored = self._ghosts_checked = False
+        self._restored = False
+        # until the first choice of a trial to run, the trials added are the ones Ray restored
+        self._resuming, self._restored_most = True, 0
 
     def _restore(self) -> None:
         """Fill every bracket's rungs from the saved state, once."""
@@ -171,24 +173,23 @@ class Scheduler(ASHAScheduler):
             self._trial_info[trial.trial_id] = self._brackets[brackets[trial.trial_id]]  # a restored trial
         else:
             brackets[trial.trial_id] = self._brackets.index(self._trial_info[trial.trial_id])
-        if self.__dict__.get("_ghosts_checked") is False:  # a trial a resume restored
-            self._count_restored(tune_controller)
+        if self.__dict__.get("_resuming"):  # a trial a resume restored
+            self._count_restored(tune_controller, trial)
         if self.max_running and trial.status == Trial.PENDING:
             self._hold_restored(tune_controller, trial)
 
-    @staticmethod
-    def _count_restored(tune_controller) -> None:
+    def _count_restored(self, tune_controller, trial) -> None:
         """The search's trial count (how many it has created, against `num_samples`) as the
         trials Ray restored say, not as the saved count says: a snapshot torn by a killed head
         can hold a count older or newer than its trials (one file each), and the search would
-        then run more trials than asked, or fewer. A trial's tag starts with its number."""
+        then run more trials than asked, or fewer. A trial's tag starts with its number; the
+        count is the largest number restored so far (one look per trial: linear in trials)."""
         generator = getattr(tune_controller, "search_alg", None)
-        if generator is None:
+        number = (trial.experiment_tag or "").split("_")[0]
+        if generator is None or not number.isdigit() or not hasattr(generator, "_counter"):
             return
-        numbers = [int(t.experiment_tag.split("_")[0]) for t in tune_controller.get_trials()
-                   if t.experiment_tag and t.experiment_tag.split("_")[0].isdigit()]
-        if numbers and hasattr(generator, "_counter"):
-            generator._counter = max(numbers)
+        self._restored_most = max(self.__dict__.get("_restored_most", 0), int(number))
+        generator._counter = self._restored_most
 
     def _hold_restored(self, tune_controller, trial) -> None:
         """A trial that `--resume` brings back (running or errored when the search stopped) was
@@ -212,9 +213,9 @@ class Scheduler(ASHAScheduler):
         newer than the experiment state (Ray uploads a snapshot's files one by one): a trial
         suggested just before the kill is then live for the limiter and never ends, and with
         `max_concurrent_trials` such ghosts would hold the search's slots forever."""
-        if self.__dict__.get("_ghosts_checked", True):
+        if not self.__dict__.get("_resuming"):
             return
-        self._ghosts_checked = True
+        self._resuming = False
         limiter = getattr(getattr(tune_controller, "search_alg", None), "searcher", None)
         live = getattr(limiter, "live_trials", None)
         if live:
