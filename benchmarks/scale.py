@@ -42,6 +42,14 @@ from moto.server import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
 counts, lock = {"objects": 0, "bytes": 0, "requests": 0}, threading.Lock()
 app = DomainDispatcherApplication(create_backend_app)
+OURS = ("search_state.json", "optuna.db", "summary.json", "trials.csv", "report", "final", "mlflow", "prepared-images")
+def kind(path):
+    # who wrote it: a trial (its checkpoints), our own files, or Ray's experiment snapshot (its
+    # state files and every trial's result.json, progress.csv, params, events)
+    parts = path.strip("/").split("/")
+    if any(p.startswith("checkpoint_") for p in parts):
+        return "checkpoint"
+    return "ours" if any(p.startswith(OURS) for p in parts) else "ray"
 def counting(environ, start):
     if environ["PATH_INFO"] == "/__counts__":
         start("200 OK", [("Content-Type", "application/json")])
@@ -50,9 +58,15 @@ def counting(environ, start):
         counts["requests"] += 1
         method, query = environ["REQUEST_METHOD"], environ["QUERY_STRING"]
         # pyarrow writes every object as a multipart upload: POST ?uploads starts one
-        counts["objects"] += (method == "POST" and query == "uploads") or (method == "PUT" and "partNumber" not in query)
-        if method == "PUT":
-            counts["bytes"] += int(environ.get("HTTP_X_AMZ_DECODED_CONTENT_LENGTH") or environ.get("CONTENT_LENGTH") or 0)
+        new = (method == "POST" and query == "uploads") or (method == "PUT" and "partNumber" not in query)
+        size = int(environ.get("HTTP_X_AMZ_DECODED_CONTENT_LENGTH") or environ.get("CONTENT_LENGTH") or 0) \
+            if method == "PUT" else 0
+        who = kind(environ["PATH_INFO"]) if method in ("PUT", "POST") else None
+        counts["objects"] += new
+        counts["bytes"] += size
+        if who:
+            counts[f"objects_{who}"] = counts.get(f"objects_{who}", 0) + new
+            counts[f"bytes_{who}"] = counts.get(f"bytes_{who}", 0) + size
     return app(environ, start)
 server = make_server("127.0.0.1", 0, counting, threaded=True)
 print(server.server_address[1], flush=True)
@@ -87,18 +101,19 @@ class Meter:
     """Wraps a function to add up its calls and seconds (instrumentation, the function unchanged)."""
 
     def __init__(self, owner, name: str, record=None):
-        self.calls, self.seconds, self.samples = 0, 0.0, []
+        self.calls, self.seconds, self.cpu, self.samples = 0, 0.0, 0.0, []
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
             if record:
                 record(*args, **kwargs)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 took = time.perf_counter() - start
                 self.calls, self.seconds = self.calls + 1, self.seconds + took
+                self.cpu += time.thread_time() - cpu  # this thread's CPU: not the wait for a busy core
                 self.samples.append(took)
         setattr(owner, name, timed)
 
@@ -121,7 +136,7 @@ def one_search(args) -> dict:
     overrides = [f"data.root={work / 'phantom'}", "data.source=phantom", "data.phantom_n=40", "model.image_size=71",
                  f"train.epochs={args.epochs}", "train.early_stopping_patience=0", f"tune.storage_path={storage}",
                  f"tune.num_samples={args.trials}", f"tune.max_concurrent_trials={args.concurrent}",
-                 "tune.n_startup_trials=10", "tune.grace_period=1", "tune.reduction_factor=3", "tune.retrain=false",
+                 "tune.n_startup_trials=10", f"tune.grace_period={args.grace}", "tune.reduction_factor=3", "tune.retrain=false",
                  "tune.resources={cpu: 0.5, gpu: 1}", f"tune.space={json.dumps(SPACE)}", "tune.replay.curves=formula",
                  f"tune.replay.seconds_per_epoch={args.seconds}", f"tune.replay.checkpoint_mib={args.checkpoint_mib}"]
     cfg = load_search_config(None, overrides)
@@ -144,7 +159,12 @@ def one_search(args) -> dict:
 
     def mark():
         counts = storage_counts(endpoint)
-        blocks.append({"t": time.time(), "cpu": time.process_time(), **seen, **counts, "forced": forced["n"], "taken": forced["taken"],
+        # "loop_cpu": the CPU of the thread that runs Ray's loop, our callbacks, the scheduler and
+        # the searcher (mark runs in it); "cpu": the whole driver's, with Ray's core-worker threads
+        # and the background uploads of its snapshots
+        blocks.append({"t": time.time(), "cpu": time.process_time(), "loop_cpu": time.thread_time(),
+                       "suggest_cpu": suggest.cpu, "snapshot_cpu": snapshot.cpu,
+                       **seen, **counts, "forced": forced["n"], "taken": forced["taken"],
                        "snapshots": snapshot.calls, "snapshot_s": snapshot.seconds,
                        "ours_s": sum(m.seconds for m in ours), "suggests": list(suggest.samples)})
 
@@ -237,6 +257,7 @@ def main() -> None:
     parser.add_argument("--storage", nargs="+", default=["s3", "folder"], choices=["s3", "folder"])
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per epoch")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--grace", type=int, default=1, help="ASHA's grace period (--epochs: no early stops)")
     parser.add_argument("--concurrent", type=int, default=16)
     parser.add_argument("--checkpoint-mib", type=float, default=1.0)
     parser.add_argument("--block", type=int, default=100)
@@ -256,7 +277,8 @@ def main() -> None:
     for trials in args.trials:
         for storage in args.storage:
             cmd = [sys.executable, __file__, "--one", "--trials", str(trials), "--storage", storage,
-                   "--seconds", str(args.seconds), "--epochs", str(args.epochs), "--concurrent", str(args.concurrent),
+                   "--seconds", str(args.seconds), "--epochs", str(args.epochs), "--grace", str(args.grace),
+                   "--concurrent", str(args.concurrent),
                    "--checkpoint-mib", str(args.checkpoint_mib), "--block", str(args.block)]
             print("running", " ".join(cmd[2:]), flush=True)
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, start_new_session=True)

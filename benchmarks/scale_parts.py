@@ -6,7 +6,8 @@
 At each size: one write of search_state.json (`SearchProgress.save`), one copy of the SQLite
 study into the storage (`StudySync.sync`), one TPE suggestion (the sampler of `tuning.study`,
 configs/demo.yaml's space, 16 trials running: constant_liar counts them) and the report
-(plots and report.html). The trials are synthetic: ASHA-like ends at epochs 1, 3 and 5.
+(plots and report.html, and report.html's load and first sort in headless Chromium when one is
+installed). The trials are synthetic: ASHA-like ends at epochs 1, 3 and 5.
 """
 from __future__ import annotations
 
@@ -105,16 +106,54 @@ def direct(sizes: list[int]) -> list[dict]:
         found.append({"trials": n, "state_write_ms": write * 1e3, "state_kib": (exp.local_dir /
                       "search_state.json").stat().st_size / 1024, "study_sync_ms": sync * 1e3,
                       "study_mib": (exp.local_dir / "optuna.db").stat().st_size / 2**20, "suggest_ms": suggest * 1e3,
-                      "report_s": report, "report_html_mib": (exp.local_dir / "report.html").stat().st_size / 2**20})
+                      "report_s": report, "report_html_mib": (exp.local_dir / "report.html").stat().st_size / 2**20,
+                      **in_browser(exp.local_dir / "report.html")})
         print(found[-1], flush=True)
     return found
 
 
+# Injected after the report's own script in a copy of report.html: the time from navigation to
+# the load event (the page parsed, laid out, its images decoded), then one sort of the trials
+# table on a column out of its order, as a click would run it, with the layout it forces.
+TIMING = """<script>window.addEventListener('load',()=>{const loaded=performance.now();
+const ths=[...document.querySelectorAll('#trials-table th')];
+const th=ths.find(h=>h.dataset.key.startsWith('param.'))||ths[1];
+const t0=performance.now();sortTable(th,false);document.body.offsetHeight;const sorted=performance.now()-t0;
+document.body.dataset.bench=JSON.stringify({load_ms:loaded,sort_ms:sorted,rows:document.querySelectorAll('#trials-table tbody tr').length});});
+</script>"""
+
+
+def in_browser(report: Path) -> dict:
+    """report.html in headless Chromium: load and first sort (ms, the page's own clock), and the
+    browser's whole run (start, load, DOM dump, exit) as an upper bound. {} without Chromium."""
+    import re
+    import shutil
+    import subprocess
+
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if browser is None:
+        return {}
+    timed_copy = report.with_name("report-timed.html")
+    timed_copy.write_text(report.read_text().replace("</main></body>", TIMING + "</main></body>"))
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    start = time.perf_counter()
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          f"--user-data-dir={profile}", "--dump-dom", timed_copy.as_uri()],
+                         capture_output=True, text=True, timeout=300)
+    whole = time.perf_counter() - start
+    found = re.search(r'data-bench="([^"]+)"', out.stdout)
+    if not found:
+        return {"browser_s": whole}
+    timing = json.loads(found.group(1).replace("&quot;", '"'))
+    return {"browser_s": whole, "load_ms": timing["load_ms"], "sort_ms": timing["sort_ms"], "rows": timing["rows"]}
+
+
 DIRECT_HEADER = ["trials", "state write ms", "state KiB", "study copy ms", "study MiB", "TPE suggest ms",
-                 "report s", "report.html MiB"]
+                 "report s", "report.html MiB", "Chromium load ms", "first sort ms", "Chromium run s"]
 
 
 def direct_rows(found: list[dict]) -> list[list]:
     return [[d["trials"], f"{d['state_write_ms']:.1f}", f"{d['state_kib']:.0f}", f"{d['study_sync_ms']:.0f}",
-             f"{d['study_mib']:.1f}", f"{d['suggest_ms']:.0f}", f"{d['report_s']:.1f}", f"{d['report_html_mib']:.2f}"]
-            for d in found]
+             f"{d['study_mib']:.1f}", f"{d['suggest_ms']:.0f}", f"{d['report_s']:.1f}", f"{d['report_html_mib']:.2f}",
+             *(f"{d[k]:.0f}" if k in d else "-" for k in ("load_ms", "sort_ms")),
+             f"{d['browser_s']:.1f}" if "browser_s" in d else "-"] for d in found]

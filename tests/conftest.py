@@ -22,7 +22,7 @@ needs_sample = pytest.mark.skipif(not SAMPLE_DATA, reason="set BONEAGE_SAMPLE_DA
 # runs two pytest-xdist workers, each taking a whole module at a time (`--dist loadfile`, in this
 # order with `--no-loadscope-reorder`), so the long ones start at once and the short ones fill in
 # behind them; a module's fixtures are then built by one worker only. Unlisted modules come last.
-COSTLIEST_FIRST = ["test_learning", "test_search", "test_multinode", "test_faults", "test_postgres",
+COSTLIEST_FIRST = ["test_learning", "test_search", "test_multinode", "test_faults", "test_postgres", "test_scale",
                    "test_trial_reliability", "test_ray_gpus", "test_mirrored", "test_reliability", "test_gpu_setup",
                    "test_head_loss", "test_phases", "test_train_export", "test_retrain_resume", "test_lab",
                    "test_prepared_store", "test_study_truth", "test_prepare", "test_phantom", "test_bad_input", "test_no_surprises"]

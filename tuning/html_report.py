@@ -47,10 +47,13 @@ SCRIPT = """
 function sortTable(th, descending){
   const table=th.closest('table'), body=table.tBodies[0], col=[...th.parentNode.children].indexOf(th);
   const key=r=>{const c=r.children[col]; const v=c.dataset.value; return v===undefined?c.textContent:parseFloat(v)};
-  const rows=[...body.rows].sort((a,b)=>{const x=key(a),y=key(b);
+  // each cell read once, not per comparison; the rows moved in one fragment: one layout, not one per row
+  const keyed=[...body.rows].map(r=>[key(r),r]).sort(([x],[y])=>{
     if(typeof x==='number'&&typeof y==='number'){if(isNaN(x))return 1;if(isNaN(y))return -1;return descending?y-x:x-y}
     return descending?String(y).localeCompare(String(x)):String(x).localeCompare(String(y))});
-  rows.forEach(r=>body.appendChild(r));
+  const moved=document.createDocumentFragment();
+  keyed.forEach(([,r])=>moved.appendChild(r));
+  body.appendChild(moved);
   table.querySelectorAll('th').forEach(h=>h.removeAttribute('aria-sort'));
   th.setAttribute('aria-sort',descending?'descending':'ascending');
 }

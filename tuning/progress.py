@@ -62,6 +62,7 @@ class SearchProgress(tune.Callback, tune.Stopper):
 
     def __setstate__(self, state):  # unpickled by a resume: start from the saved file
         self.__dict__.update(state)
+        self.__dict__.pop("_trial_seconds_total", None)  # counted again from the saved file
         self.state = load_state(self.exp)
         self.session_start = time.time()
 
@@ -69,7 +70,10 @@ class SearchProgress(tune.Callback, tune.Stopper):
         return self.state["elapsed_s"] + time.time() - self.session_start
 
     def gpu_hours(self) -> float:
-        return sum(self.state["trial_seconds"].values()) * self.gpus_per_trial / 3600.0
+        # a running total (the stopper asks at every step of Ray's loop: no sum over every trial)
+        if "_trial_seconds_total" not in self.__dict__:
+            self._trial_seconds_total = sum(self.state["trial_seconds"].values())
+        return self._trial_seconds_total * self.gpus_per_trial / 3600.0
 
     def save(self, publish: bool = False) -> None:
         for record in self.__dict__.get("recorders", ()):  # the scheduler's rungs, copied only now
@@ -89,7 +93,10 @@ class SearchProgress(tune.Callback, tune.Stopper):
     # --- the stopper -----------------------------------------------------------------------
 
     def __call__(self, trial_id, result) -> bool:
-        self.state["trial_seconds"][trial_id] = float(result.get("time_total_s", 0.0) or 0.0)
+        seconds, before = float(result.get("time_total_s", 0.0) or 0.0), self.state["trial_seconds"].get(trial_id, 0.0)
+        self.state["trial_seconds"][trial_id] = seconds
+        if "_trial_seconds_total" in self.__dict__:
+            self._trial_seconds_total += seconds - before
         return False
 
     def stop_all(self) -> bool:
@@ -185,7 +192,7 @@ class Scheduler(ASHAScheduler):
         then run more trials than asked, or fewer. A trial's tag starts with its number; the
         count is the largest number restored so far (one look per trial: linear in trials)."""
         generator = getattr(tune_controller, "search_alg", None)
-        number = (trial.experiment_tag or "").split("_")[0]
+        number = (getattr(trial, "experiment_tag", "") or "").split("_")[0]
         if generator is None or not number.isdigit() or not hasattr(generator, "_counter"):
             return
         self._restored_most = max(self.__dict__.get("_restored_most", 0), int(number))
@@ -245,7 +252,10 @@ class Scheduler(ASHAScheduler):
         self._restore()
         self._forget_ghosts(tune_controller)
         if self.max_running:
-            running = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in tune_controller.get_trials())
+            if hasattr(tune_controller, "_running_trials"):  # Ray's controller keeps these sets: no scan per step
+                running = len(tune_controller._running_trials) + len(tune_controller._pending_trials)
+            else:  # the lab's stand-in controller
+                running = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in tune_controller.get_trials())
             if running >= self.max_running:
                 return None
         return super().choose_trial_to_run(tune_controller)
