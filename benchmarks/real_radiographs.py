@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def search_arm(cfg: dict, tmp: Path, minutes: float) -> dict:
-    from tuning.report import read_trials_csv
+    from tuning.trials_csv import read_trials_csv
 
     cfg = {**cfg, "tune": {
         "storage_path": str(tmp / "experiments"), "num_samples": 40, "max_concurrent_trials": 2,

@@ -66,7 +66,7 @@ def direct(sizes: list[int]) -> list[dict]:
     from tuning.experiment import Experiment
     from tuning.html_report import write_html_report
     from tuning.progress import SearchProgress, StudySync
-    from tuning.report import draw_plots
+    from tuning.plots import draw_plots
     from tuning.study import make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -10,7 +10,7 @@ from boneage.conformal import calibrate, evaluate_intervals
 from tests.browser import assert_rendered_page, dump_dom, images_loaded, screenshot, table_column
 from tests.test_report import make_study, make_summary, make_trials
 from tuning.html_report import write_html_report
-from tuning.report import draw_plots
+from tuning.plots import draw_plots
 
 SECTIONS = ["summary", "final-model", "predictions", "variants", "gallery", "search", "trials", "config"]
 

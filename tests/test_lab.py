@@ -158,7 +158,7 @@ def test_a_real_recording_resumes(tmp_path, phantom_root):
 # --- harvest ----------------------------------------------------------------------------------
 
 def test_harvest_takes_whole_curves_of_a_finished_search(tmp_path):
-    from tuning.report import write_trials_csv
+    from tuning.trials_csv import write_trials_csv
 
     cfg = load_search_config(write_config(tmp_path))
     folder = tmp_path / "demo-20261201-101500"

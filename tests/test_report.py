@@ -1,4 +1,4 @@
-"""tuning.report: trials.csv round trip, report.md with its plots, the terminal summary."""
+"""tuning.report, tuning.plots and tuning.trials_csv: trials.csv round trip, report.md with its plots, the terminal summary."""
 import re
 
 import numpy as np
@@ -9,7 +9,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from boneage.evaluate import error_metrics
-from tuning.report import format_summary, read_trials_csv, write_report, write_trials_csv
+from tuning.report import format_summary, write_report
+from tuning.trials_csv import read_trials_csv, write_trials_csv
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -199,7 +200,7 @@ def test_no_finished_trial(tmp_path, status):
 
 
 def test_history_follows_study_trial_numbers():
-    from tuning.report import _in_trial_order
+    from tuning.plots import _in_trial_order
 
     study = optuna.create_study()
     for params in PARAMS[::-1]:  # Optuna saw them in the opposite order from the trial ids
@@ -214,7 +215,7 @@ def test_importance_is_drawn_with_the_evaluator_its_label_names():
     the axis says so (fANOVA's differ on this study, so a mislabelled plot would fail here)."""
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator, get_param_importances
 
-    from tuning.report import _plot_importance
+    from tuning.plots import _plot_importance
 
     study = make_study()
     fig = _plot_importance(study)
@@ -247,7 +248,7 @@ def test_report_html_shows_the_dashboard_command_of_the_study_it_used(tmp_path, 
 def test_plots_of_many_trials_colour_the_best_and_draw_the_rest_as_one_grey_artist():
     """At 1,000 trials a line per trial made the plots slow and unreadable (issue 17): the best
     COLOURED trials are lines, the rest one collection, and the title says so. About a second."""
-    from tuning.report import COLOURED, _plot_curves, _plot_parallel, _pyplot
+    from tuning.plots import COLOURED, _plot_curves, _plot_parallel, _pyplot
 
     rng = np.random.default_rng(0)
     n = COLOURED + 70

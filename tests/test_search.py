@@ -111,7 +111,7 @@ def test_search_writes_every_output(finished_search):
 def test_trials_csv_and_optuna_study_agree(finished_search):
     import optuna
 
-    from tuning.report import read_trials_csv
+    from tuning.trials_csv import read_trials_csv
 
     experiment, _ = finished_search
     trials = read_trials_csv(experiment / "trials.csv")
@@ -132,7 +132,7 @@ def test_trials_csv_and_optuna_study_agree(finished_search):
 
 
 def test_best_config_is_the_lowest_reported_mae(finished_search):
-    from tuning.report import read_trials_csv
+    from tuning.trials_csv import read_trials_csv
 
     experiment, _ = finished_search
     trials = read_trials_csv(experiment / "trials.csv")
@@ -144,7 +144,7 @@ def test_best_config_is_the_lowest_reported_mae(finished_search):
 
 
 def test_asha_stops_the_trial_that_cannot_learn(finished_search):
-    from tuning.report import read_trials_csv
+    from tuning.trials_csv import read_trials_csv
 
     experiment, _ = finished_search
     trials = read_trials_csv(experiment / "trials.csv")
@@ -166,7 +166,7 @@ def test_exported_model_predicts_on_a_real_radiograph(finished_search, sample_ro
 
 
 def test_html_report_in_a_browser(finished_search, tmp_path):
-    from tuning.report import read_trials_csv
+    from tuning.trials_csv import read_trials_csv
 
     experiment, _ = finished_search
     report = experiment / "report.html"

@@ -292,7 +292,7 @@ def assert_study_agrees(experiment: Path, name: str) -> None:
     for, its value (COMPLETE: the best epoch's; PRUNED: the last epoch's, inf if it diverged) and
     every epoch of its curve; earlier entries of the trial were closed as FAIL; no entry without a
     trial."""
-    from tuning.report import read_trials_csv
+    from tuning.trials_csv import read_trials_csv
 
     trials = read_trials_csv(experiment / "trials.csv")
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{experiment / 'optuna.db'}")
@@ -319,7 +319,7 @@ def assert_study_agrees(experiment: Path, name: str) -> None:
 
 
 def test_the_study_agrees_with_trials_csv_row_by_row_after_a_resume(truth_search):
-    from tuning.report import read_trials_csv
+    from tuning.trials_csv import read_trials_csv
 
     assert_study_agrees(truth_search, NAME)
     trials = read_trials_csv(truth_search / "trials.csv")

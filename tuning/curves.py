@@ -259,7 +259,7 @@ def harvest(experiments) -> pd.DataFrame:
     """The rows of every trial of these finished searches that ran to `train.epochs`."""
     from tuning.config import load_search_config
     from tuning.experiment import SEARCH_CONFIG
-    from tuning.report import LIST_COLUMN, PARAM, read_trials_csv
+    from tuning.trials_csv import LIST_COLUMN, PARAM, read_trials_csv
 
     tables = []
     for folder in map(Path, experiments):

@@ -1,6 +1,6 @@
 """report.html: one self-contained page per experiment, to open offline or send to a colleague.
 
-    path = write_html_report(exp_dir, trials, study, summary, plots)   # plots: tuning.report.draw_plots
+    path = write_html_report(exp_dir, trials, study, summary, plots)   # plots: tuning.plots.draw_plots
 
 Every plot is embedded as a base64 PNG, the only script sorts the trials table, so the file
 needs nothing beside it. Sections (each an element id): summary (with the command that
@@ -23,7 +23,9 @@ import pandas as pd
 
 from boneage.config import write_atomic
 from boneage.evaluate import AGE_BANDS_YEARS
-from tuning.report import FAILED_NOTE, PARAM, Unavailable, _draw, _duration, _pyplot, failed_entries
+from tuning.plots import Unavailable, _draw, _pyplot
+from tuning.report import FAILED_NOTE, _duration, failed_entries
+from tuning.trials_csv import PARAM
 from tuning.story import story_lines
 
 REPORT = "report.html"

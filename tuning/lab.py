@@ -196,7 +196,7 @@ def format_table(rows, workers, budgets, recipe_sd: float) -> str:
 def plot(run: dict, rows, workers, path) -> None:
     import os
 
-    from tuning.report import _pyplot
+    from tuning.plots import _pyplot
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(workers), figsize=(5 * len(workers), 4.5), squeeze=False, sharey=True)

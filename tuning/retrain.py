@@ -297,7 +297,9 @@ def finish(cfg: SearchConfig, exp, results, splits, started: float) -> dict:
 
     from tuning.experiment import SEARCH_CONFIG
     from tuning.html_report import dashboard_command, write_html_report
-    from tuning.report import draw_plots, format_summary, write_report, write_trials_csv
+    from tuning.plots import draw_plots
+    from tuning.report import format_summary, write_report
+    from tuning.trials_csv import write_trials_csv
     from tuning.progress import StudySync
     from tuning.study import STUDY_DB, open_storage, study_key, study_url
 
