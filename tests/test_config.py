@@ -135,7 +135,7 @@ def test_the_default_configs_example_study_url_is_one_the_search_takes(tmp_path)
     from pathlib import Path
 
     from tuning.config import load_search_config
-    from tuning.study import study_url
+    from tuning.study_storage import study_url
 
     text = (Path(__file__).parent.parent / "configs" / "default.yaml").read_text()
     (example,) = re.findall(r"optuna_storage: null +# e\.g\. (\S+)", text)

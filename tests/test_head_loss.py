@@ -237,7 +237,7 @@ def test_a_remote_experiment_unpickles_with_this_heads_folder(tmp_path, monkeypa
 
     from tuning.experiment import Experiment
     from tuning.progress import StudySync
-    from tuning.study import default_study_url
+    from tuning.study_storage import default_study_url
 
     monkeypatch.setenv("HOME", str(tmp_path / "home1"))
     remote = Experiment("e", f"file://{tmp_path}/bucket", tmp_path / "home1" / "boneage-experiments" / "e")
@@ -294,7 +294,7 @@ def test_publish_replaces_a_folder_without_removing_it_first_and_fetch_keeps_new
 def test_the_default_study_is_not_blamed_on_tune_optuna_storage(tmp_path):
     from boneage.errors import InputError
     from tuning.config import load_search_config
-    from tuning.study import open_storage, study_key
+    from tuning.study_storage import open_storage, study_key
 
     cfg = load_search_config(None, [])
     with pytest.raises(InputError, match=r"^the experiment's study \(optuna.db\): .*does not exist"):
@@ -309,7 +309,8 @@ def test_a_searcher_mapped_to_a_waiting_entry_raises(tmp_path):
     entry still WAITING. Its end cannot be told: an error, never a log line."""
     from tuning.config import load_search_config
     from tuning.space import parse_space
-    from tuning.study import make_searcher, study_url
+    from tuning.study import make_searcher
+    from tuning.study_storage import study_url
 
     cfg = load_search_config(None, ["train.epochs=2", "tune.space={learning_rate: {loguniform: [1.0e-5, 1.0]}}",
                                     "tune.points_to_evaluate=[{learning_rate: 0.001}, {learning_rate: 0.0001}]"])
@@ -328,7 +329,8 @@ def test_a_trial_the_restored_searcher_never_suggested_is_adopted(tmp_path):
     given a new entry from its configuration; either way its end is told like any other's."""
     from tuning.config import load_search_config
     from tuning.space import parse_space
-    from tuning.study import RAY_TRIAL, fail_running_trials, make_searcher, study_url
+    from tuning.study import RAY_TRIAL, make_searcher
+    from tuning.study_storage import fail_running_trials, study_url
 
     cfg = load_search_config(None, ["train.epochs=2", "tune.space={learning_rate: {loguniform: [1.0e-5, 1.0]}}",
                                     "tune.points_to_evaluate=[]", "tune.n_startup_trials=5"])

@@ -23,7 +23,7 @@ def test_plan_phases_cuts_the_head_phase_short_rather_than_skipping_it():
 def test_best_epoch_in_the_head_phase_retrains_the_head_phase():
     from boneage.train import plan_phases
     from tuning.config import load_search_config
-    from tuning.retrain import best_config
+    from tuning.outcome import best_config
 
     cfg = load_search_config(None, ["train.head_epochs=2", "train.epochs=6", "model.frozen_layers=0",
                                     "tune.space={learning_rate: {loguniform: [1.0e-4, 1.0e-2]}}"])

@@ -162,7 +162,7 @@ def test_a_password_the_server_refuses_is_one_message_and_status_2(tmp_path, pha
 def test_the_password_can_come_from_a_file(tmp_path, postgres, monkeypatch):
     """BONEAGE_OPTUNA_PASSWORD_FILE: for a job whose command line and record must not hold it."""
     from boneage.errors import InputError
-    from tuning.study import open_storage
+    from tuning.study_storage import open_storage
 
     monkeypatch.delenv("BONEAGE_OPTUNA_PASSWORD", raising=False)
     secret = tmp_path / "optuna-db.pw"

@@ -164,7 +164,8 @@ def test_what_holds_every_trial_is_written_at_ray_snapshots_never_per_result_or_
     from tuning.config import load_search_config
     from tuning.progress import StudySync
     from tuning.space import parse_space
-    from tuning.study import STUDY_DB, make_searcher, study_url
+    from tuning.study import make_searcher
+    from tuning.study_storage import STUDY_DB, study_url
 
     exp = Experiment("exp", f"file://{tmp_path}/bucket", tmp_path / "local" / "exp")
     exp.local_dir.mkdir(parents=True)

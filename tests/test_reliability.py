@@ -64,7 +64,7 @@ def test_a_lambda_layer_is_refused_by_safe_mode(tmp_path, phantom_root, capsys):
 
 def test_optuna_storage_input_errors_and_real_faults(tmp_path):
     from tuning.config import load_search_config
-    from tuning.study import open_storage, study_url
+    from tuning.study_storage import open_storage, study_url
 
     def storage(url=None):
         cfg = load_search_config(None, [f"tune.optuna_storage={url}"] if url else [])
@@ -98,7 +98,7 @@ def test_a_locked_study_database_is_not_bad_input(tmp_path):
     import sqlalchemy.exc
 
     from tuning.config import load_search_config
-    from tuning.study import open_storage, study_url
+    from tuning.study_storage import open_storage, study_url
 
     cfg = load_search_config(None)
     study_storage = lambda cfg, folder: open_storage(study_url(cfg, folder))  # noqa: E731
@@ -188,7 +188,8 @@ def searcher_for(tmp_path, overrides, name="study"):
     """The search's own OptunaSearch (tuning.study.make_searcher) on a fresh SQLite study."""
     from tuning.config import load_search_config
     from tuning.space import parse_space
-    from tuning.study import make_searcher, study_url
+    from tuning.study import make_searcher
+    from tuning.study_storage import study_url
 
     cfg = load_search_config(None, overrides)
     tmp_path.mkdir(parents=True, exist_ok=True)

@@ -172,7 +172,7 @@ def test_summary_and_reports_say_which_budget_cut_the_search_and_how_the_epochs_
     from tuning.html_report import write_html_report
 
     from tuning.config import load_search_config
-    from tuning.retrain import budget_note
+    from tuning.outcome import budget_note
 
     cfg = load_search_config(None, ["tune.time_budget_s=420"])
     budget = budget_note(cfg, {"budget_stop": "time_budget"})  # what finish() puts in the summary

@@ -57,7 +57,8 @@ def test_verdict_for_every_way_a_trial_ends():
 def searcher(tmp_path):
     from tuning.config import load_search_config
     from tuning.space import parse_space
-    from tuning.study import make_searcher, study_url
+    from tuning.study import make_searcher
+    from tuning.study_storage import study_url
 
     cfg = load_search_config(None, ["train.epochs=4", "tune.space={learning_rate: {loguniform: [1.0e-5, 1.0]}}"])
     return make_searcher(cfg, parse_space(cfg), study_url(cfg, tmp_path), "unit", "val_mae", "min")
@@ -66,7 +67,7 @@ def searcher(tmp_path):
 def test_the_searcher_tells_the_truth_and_a_closed_trial_comes_back_whole(tmp_path):
     import pickle
 
-    from tuning.study import fail_running_trials, open_storage
+    from tuning.study_storage import fail_running_trials, open_storage
 
     search = searcher(tmp_path)
     for trial_id in ("done", "cut", "crashed", "errored"):
@@ -100,7 +101,8 @@ def test_the_searcher_tells_the_truth_and_a_closed_trial_comes_back_whole(tmp_pa
 
 
 def test_a_tell_the_study_refuses_is_an_error(tmp_path):
-    from tuning.study import fail_running_trials, open_storage, tell
+    from tuning.study import tell
+    from tuning.study_storage import fail_running_trials, open_storage
 
     search = searcher(tmp_path)
     search.suggest("a")

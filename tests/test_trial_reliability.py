@@ -141,7 +141,7 @@ def test_a_diverging_xception_run_stops_at_once(phantom_root):
 
 def test_best_config_never_chooses_a_diverged_trial():
     from tuning.config import load_search_config
-    from tuning.retrain import best_config
+    from tuning.outcome import best_config
 
     cfg = load_search_config(None, ["train.epochs=4", "tune.space={learning_rate: {loguniform: [1.0e-4, 10]}}"])
     trials = pd.DataFrame([  # the diverged trial had the best epoch of all before it diverged
@@ -172,7 +172,7 @@ CUT_BY_TIME = "stopped after epoch 2: the search's time budget (420 s) was spent
 def test_the_retrain_never_takes_its_epochs_from_a_trial_cut_short():
     """Issue 15 item 7: a trial cut by ASHA or a budget has not shown how many epochs it needs."""
     from tuning.config import load_search_config
-    from tuning.retrain import best_config, retrain_epochs
+    from tuning.outcome import best_config, retrain_epochs
 
     cfg = load_search_config(None, ["train.epochs=8", "tune.space={learning_rate: {loguniform: [1.0e-6, 1]}}"])
     # the demo's second run: every trial cut by the time budget, the best at epoch 2 -> train.epochs

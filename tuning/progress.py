@@ -292,20 +292,20 @@ class StudySync(tune.Callback):
     experiment's folder is."""
 
     def __init__(self, exp, url: str | None = None):
-        from tuning.study import default_study_url
+        from tuning.study_storage import default_study_url
 
         self.exp = exp
         self.url = None if url == default_study_url(exp.local_dir) else url
 
     def study_url(self) -> str:
-        from tuning.study import default_study_url
+        from tuning.study_storage import default_study_url
 
         return self.url or default_study_url(self.exp.local_dir)
 
     def sync(self, study: bool = True, mlflow: bool = False) -> None:
         import tempfile
 
-        from tuning.study import STUDY_DB
+        from tuning.study_storage import STUDY_DB
         from tuning.tracking import MLFLOW_DB
 
         copies = ([(self.study_url(), STUDY_DB)] if study else []) + \

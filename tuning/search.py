@@ -51,7 +51,8 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
     from tuning.nodecheck import NodeCheckWatch
     from tuning.progress import Limiter, Scheduler, SearchProgress, StudySync
     from tuning.space import parse_space
-    from tuning.study import fail_running_trials, make_searcher, open_storage, study_key, study_url
+    from tuning.study import make_searcher
+    from tuning.study_storage import fail_running_trials, open_storage, study_key, study_url
     from tuning.tracking import tracking_callbacks
 
     trainable = tune.with_resources(trial_function(cfg, splits, expected),
@@ -204,7 +205,7 @@ def prepare(cfg: SearchConfig, name: str, address: str | None, resume: bool):
     resume, unchanged), the data, the cluster and the storage. Returns (cfg, exp, splits, shapes)."""
     from boneage.splits import load_splits
     from tuning.progress import STATE_FILE
-    from tuning.study import STUDY_DB, open_storage, study_url
+    from tuning.study_storage import STUDY_DB, open_storage, study_url
     from tuning.tracking import MLFLOW_DB
 
     resolve_paths(cfg)
@@ -321,7 +322,8 @@ def search(cfg: SearchConfig, name: str, address: str | None = None, resume: boo
     if unfinished_trials(results):
         raise SearchInterrupted(f"search {name} was interrupted; its state is saved. Continue it with:\n"
                                 f"  python -m tuning.search --config CONFIG --resume --name {name}")
-    from tuning.study import open_storage, settle, study_key, study_url
+    from tuning.study import settle
+    from tuning.study_storage import open_storage, study_key, study_url
 
     settle(open_storage(study_url(cfg, exp.local_dir), study_key(cfg)), exp.name, results, cfg.train.epochs)
     trim_checkpoints(results)

@@ -1,8 +1,6 @@
-"""The Optuna study behind a search: where it lives, what it is told about each trial, and how a
-crash is cleaned up.
+"""The Optuna study behind a search: what it is told about each trial, and the searcher that
+tells it (where the study lives and how it is opened: tuning.study_storage).
 
-    url = study_url(cfg, local_dir)              # the config's URL, or SQLite in the experiment
-    storage = open_storage(url)                  # the password comes from BONEAGE_OPTUNA_PASSWORD
     searcher = make_searcher(cfg, space, url, name, "val_mae", "min")
     state, value = verdict(last_result, {epoch: val_mae}, max_epochs)   # what a trial's end is told
 
@@ -15,8 +13,6 @@ errored one FAIL. A tell that fails raises. Each study entry carries the Ray tri
 (`ray_trial_id`), and `settle` closes what Ray ended without telling the searcher (a budget stop),
 so the study agrees with trials.csv trial by trial, also after `--resume`.
 
-The URL a user writes never holds a password: `BONEAGE_OPTUNA_PASSWORD` (or the file that
-`BONEAGE_OPTUNA_PASSWORD_FILE` names) supplies it when the database is opened, in memory only.
 Ray pickles the searcher into the experiment (`tuner.pkl`, `searcher-state-*.pkl`), so `StudySearch` pickles without its storage (a database engine holding
 the password) and reopens it on unpickling; no file the project writes holds the password. The
 default SQLite study's path is computed on the head that unpickles it (a resume on a new head).
@@ -24,113 +20,15 @@ default SQLite study's path is computed on the head that unpickles it (a resume 
 from __future__ import annotations
 
 import math
-import os
 import pickle
-from pathlib import Path
 from typing import NamedTuple
 
 from ray.tune.search.optuna import OptunaSearch
 
-from boneage.errors import InputError
+from tuning.study_storage import DEFAULT_KEY, default_study_url, open_storage
 
-STUDY_DB = "optuna.db"
-PASSWORD_ENV = "BONEAGE_OPTUNA_PASSWORD"
-DEFAULT_KEY = "the experiment's study (optuna.db)"  # what an error names when tune.optuna_storage is unset
 RAY_TRIAL = "ray_trial_id"  # the user attribute naming a study entry's Ray trial
 OWN_ENDS = ("completed", "early_stopping")  # a trial's own `ended` when it ran its course
-PASSWORD_FILE_ENV = "BONEAGE_OPTUNA_PASSWORD_FILE"  # a file, so no command line or job record holds it
-# what PostgreSQL's libpq and MySQL say when the password is wrong or missing
-REFUSED_PASSWORD = ("password authentication failed", "no password supplied", "Access denied for user")
-
-
-def study_url(cfg, local_dir: Path) -> str:
-    """The study's URL without a password: `tune.optuna_storage`, else SQLite in local_dir."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    url = cfg.tune.optuna_storage or default_study_url(local_dir)
-    try:
-        parsed = make_url(url)
-    except ArgumentError as err:
-        raise InputError(f"tune.optuna_storage: {url!r} is not a database URL ({err})") from None
-    if parsed.password is not None:
-        raise InputError(f"tune.optuna_storage: {parsed.render_as_string(hide_password=True)} holds a password; "
-                         f"remove it from the URL and set {PASSWORD_ENV} (or {PASSWORD_FILE_ENV}) instead "
-                         f"(it is then never written to any file)")
-    return url
-
-
-def study_key(cfg) -> str:
-    """What an error about the study names: the user's `tune.optuna_storage`, or the default."""
-    return "tune.optuna_storage" if cfg.tune.optuna_storage else DEFAULT_KEY
-
-
-def default_study_url(local_dir: Path) -> str:
-    """SQLite in the experiment's local folder: the study when `tune.optuna_storage` is unset."""
-    return f"sqlite:///{Path(local_dir) / STUDY_DB}"
-
-
-def study_password() -> str | None:
-    """BONEAGE_OPTUNA_PASSWORD, else the first line of the file BONEAGE_OPTUNA_PASSWORD_FILE names."""
-    if os.environ.get(PASSWORD_ENV):
-        return os.environ[PASSWORD_ENV]
-    path = os.environ.get(PASSWORD_FILE_ENV)
-    if not path:
-        return None
-    try:
-        lines = Path(path).expanduser().read_text().splitlines()
-    except OSError as err:
-        raise InputError(f"{PASSWORD_FILE_ENV}: cannot read {path} ({err.strerror})") from None
-    return lines[0] if lines and lines[0] else None
-
-
-def open_storage(url: str, key: str = "tune.optuna_storage"):
-    """The Optuna storage. A URL that cannot name a usable database, or a password the server
-    refuses, is bad input (status 2), named by `key` (the experiment's own SQLite study is not
-    the user's `tune.optuna_storage`); a database that is there but fails (locked, unreachable,
-    a newer schema) raises as it is."""
-    import optuna
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, OperationalError
-
-    parsed = make_url(url)
-    shown = parsed.render_as_string(hide_password=True)  # never print a password
-    password = study_password()
-    if password:
-        parsed = parsed.set(password=password)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        folder = Path(parsed.database).expanduser().absolute().parent
-        if not folder.is_dir():
-            raise InputError(f"{key}: {shown}: folder {folder} does not exist")
-    try:
-        return optuna.storages.RDBStorage(parsed.render_as_string(hide_password=False), heartbeat_interval=None)
-    except ArgumentError as err:  # e.g. NoSuchModuleError: an unknown kind of database
-        raise InputError(f"{key}: cannot use {shown}: {err}") from None
-    except ImportError as err:  # Optuna: this kind of database has no driver installed here
-        raise InputError(f"{key}: {shown}: {err} (for PostgreSQL: pip install "
-                         f"psycopg2-binary; for MySQL: pip install pymysql)") from None
-    except OperationalError as err:  # a refused password is the user's to fix; a server down is not
-        if not any(sign in str(err) for sign in REFUSED_PASSWORD):
-            raise
-        given = "a wrong password" if password else "no password"
-        raise InputError(f"{key}: {shown}: the server refused {given} for user "
-                         f"{parsed.username!r}; set {PASSWORD_ENV} (or {PASSWORD_FILE_ENV}, a file) to that "
-                         f"user's password") from None
-
-
-def fail_running_trials(storage, study_name: str) -> int:
-    """After a crash the study still says RUNNING for the trials that were in flight: mark
-    them failed, so TPE does not wait on them and the dashboard tells the truth."""
-    import optuna
-
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        return 0
-    running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
-    for trial in running:
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-    return len(running)
 
 
 class Verdict(NamedTuple):
@@ -158,9 +56,9 @@ def verdict(last_result: dict | None, intermediate: dict, max_epochs: int = 0, e
       that diverge; PRUNED keeps the trial among the bad ones (TPE ranks pruned trials by the
       epoch they reached, then by their value there, and inf ranks last at its epoch).
     - ran its course (ended completed or early_stopping, or reached max_epochs): COMPLETE with its
-      best epoch's validation MAE, the epoch `tuning.retrain.best_config` retrains to.
+      best epoch's validation MAE, the epoch `tuning.outcome.best_config` retrains to.
     - anything else (ASHA, a budget or Ray stopped it; ended ""): PRUNED, the value its last epoch's.
-    Mirrors `tuning.retrain.collect_trials`' status, so the study agrees with trials.csv.
+    Mirrors `tuning.outcome.collect_trials`' status, so the study agrees with trials.csv.
     """
     from optuna.trial import TrialState
 
