@@ -5,6 +5,7 @@ README demo's settings; and the lab (`tuning.lab`, benchmark 7) against these re
 
     python benchmarks/search_efficiency.py               # 5 seeds, budget 20: about 50 min on 2 cores
     python benchmarks/search_efficiency.py --small       # 1 seed, budget 10: about 8 minutes
+    python benchmarks/search_efficiency.py --work DIR    # keep the searches; a rerun goes on where it stopped
 
 - TPE + ASHA: configs/demo.yaml as it is (its space, points, grace period, reduction factor, its
   num_samples unless the budget needs more trials); its epochs are counted in the order they
@@ -43,7 +44,11 @@ DEMO = ROOT / "configs" / "demo.yaml"
 
 
 def run_search(name: str, storage: Path, overrides: list[str]) -> list[tuple[float, float]]:
-    """Run one search; return (finish time, validation MAE) of every trial-epoch it ran."""
+    """Run one search (unless --work already holds it finished); return (finish time, validation
+    MAE) of every trial-epoch it ran."""
+    if (storage / name / "trials.csv").exists():  # finished in an earlier run of this benchmark
+        print(f"  {name}: finished earlier, read from {storage / name}", flush=True)
+        return read_epochs(storage / name)
     args = [sys.executable, "-m", "tuning.search", "--config", str(DEMO), "--name", name,
             "--set", f"tune.storage_path={storage}", "--set", "tune.retrain=false",
             "--set", "tune.time_budget_s=0"] + [a for o in overrides for a in ("--set", o)]
@@ -52,13 +57,17 @@ def run_search(name: str, storage: Path, overrides: list[str]) -> list[tuple[flo
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"})
     if out.returncode:
         sys.exit(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    print(f"  {name}: in {time.time() - started:.0f} s", flush=True)
+    return read_epochs(storage / name)
+
+
+def read_epochs(folder: Path) -> list[tuple[float, float]]:
     epochs = []
-    for result in (storage / name).glob("run_trial_*/result.json"):
+    for result in folder.glob("run_trial_*/result.json"):
         for line in result.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
                 epochs.append((float(row["timestamp"]), float(row["val_mae"])))
-    print(f"  {name}: {len(epochs)} trial-epochs in {time.time() - started:.0f} s", flush=True)
     return sorted(epochs)
 
 
@@ -74,6 +83,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=20, help="trial-epochs per method and seed")
     parser.add_argument("--small", action="store_true", help="1 seed, budget 10 (about 8 minutes)")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--work", help="keep the searches here (default: a temporary folder); a rerun with the "
+                                       "same folder skips the searches that finished")
     args = parser.parse_args()
     if args.small:
         args.seeds, args.budget = 1, 10
@@ -84,7 +95,8 @@ def main() -> None:
     asha_trials = max(tune["num_samples"], -(-args.budget // tune["grace_period"]))
     curves = {"TPE + ASHA": [], "random, no early stopping": [], "notebook recipe": []}
     with tempfile.TemporaryDirectory() as tmp:
-        storage = Path(tmp)
+        storage = Path(args.work or tmp)
+        storage.mkdir(parents=True, exist_ok=True)
         for seed in range(args.seeds):
             print(f"seed {seed}", flush=True)
             common = [f"tune.seed={seed}", f"train.seed={seed}", "tune.max_concurrent_trials=2"]
