@@ -142,20 +142,28 @@ def test_a_trial_killed_until_its_retries_run_out_is_failed_and_the_search_compl
         victim = wait_for(lambda: running_at_epoch(experiment, 1), driver, "a checkpoint at epoch 1")
         first_pid = trial_results(experiment)[victim][-1]["pid"]
         os.kill(first_pid, signal.SIGKILL)
-        # Ray retries it from that checkpoint in a new process, whose first report is epoch 2;
-        # kill that one too once it has its checkpoint: max_failures 1 is then spent
-        wait_for(lambda: running_at_epoch(experiment, 2) == victim, driver, "the retried trial at epoch 2")
-        second_pid = trial_results(experiment)[victim][-1]["pid"]
-        assert second_pid != first_pid
-        os.kill(second_pid, signal.SIGKILL)
+        # on a busy machine the process may have finished epoch 2 before the kill landed (CI saw
+        # it once): the epochs each process reported are compared once the search is over
+
+        def retried():  # the retry's own report, with its checkpoint, before the last epoch
+            last = trial_results(experiment)[victim][-1]
+            return (last["pid"] != first_pid and last["epoch"] < 4
+                    and has_checkpoint(experiment, victim, last["epoch"]) and last)
+        # Ray retries it from its last checkpoint in a new process, whose first report is the
+        # next epoch; kill that one too once it has its checkpoint: max_failures 1 is then spent
+        second = wait_for(retried, driver, "the retried trial's first checkpoint")
+        os.kill(second["pid"], signal.SIGKILL)
         out, _ = driver.communicate(timeout=900)
     finally:
         if driver.poll() is None:
             kill_group(driver)
     assert driver.returncode == 0, out[-3000:]
     results = trial_results(experiment)
-    # epoch 1, killed; the retry went on from its checkpoint (epoch 2, not 1 again), killed; no epoch 3
-    assert [r["epoch"] for r in results[victim]] == [1, 2]
+    # killed at epoch 1 (or 2); the retry went on from its checkpoint (not epoch 1 again), killed
+    # at its first epoch: no later epoch
+    epochs = [r["epoch"] for r in results[victim]]
+    first = [r["epoch"] for r in results[victim] if r["pid"] == first_pid]
+    assert epochs == list(range(1, second["epoch"] + 1)) and first == list(range(1, second["epoch"])), results[victim]
     import pandas as pd
 
     trials = pd.read_csv(experiment / "trials.csv", dtype=str)
