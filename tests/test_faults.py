@@ -159,11 +159,12 @@ def test_a_trial_killed_until_its_retries_run_out_is_failed_and_the_search_compl
             kill_group(driver)
     assert driver.returncode == 0, out[-3000:]
     results = trial_results(experiment)
-    # killed at epoch 1 (or 2); the retry went on from its checkpoint (not epoch 1 again), killed
-    # at its first epoch: no later epoch
+    # killed at epoch 1 (or 2); the retry went on from its checkpoint (not epoch 1 again) and was
+    # killed before its last epoch (a kill can land an epoch after the poll that saw it)
     epochs = [r["epoch"] for r in results[victim]]
     first = [r["epoch"] for r in results[victim] if r["pid"] == first_pid]
-    assert epochs == list(range(1, second["epoch"] + 1)) and first == list(range(1, second["epoch"])), results[victim]
+    assert epochs == list(range(1, len(epochs) + 1)) and second["epoch"] <= len(epochs) < 4, results[victim]  # no epoch twice, never its last
+    assert first == list(range(1, len(first) + 1)) and 0 < len(first) < len(epochs), results[victim]
     import pandas as pd
 
     trials = pd.read_csv(experiment / "trials.csv", dtype=str)
