@@ -17,6 +17,10 @@ from tests.test_search import run_search, search_config
 
 pytestmark = pytest.mark.slow
 SYNC_FAST = {"TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Ray syncs results to the experiment every second
+# Each trial sleeps 3 s after reporting these epochs (tests/pause_double): on a fast machine an
+# epoch of the phantom takes under a second, less than a poll and Ray's sync (CI once saw a whole
+# search of 4 trials end between two polls). The pause is the window a test acts in.
+PAUSE_DOUBLE = Path(__file__).parent / "pause_double"
 
 
 def trial_results(experiment: Path) -> dict[str, list[dict]]:
@@ -53,12 +57,14 @@ def running_at_epoch(experiment: Path, epoch: int, exclude=()) -> str | None:
     return None
 
 
-def start(config, name):
-    """The search CLI; its Ray (and so its trials) inherit a marker naming this test's config."""
+def start(config, name, pause_after: str):
+    """The search CLI; its Ray (and so its trials) inherit a marker naming this test's config,
+    and the pause after reporting the epochs in `pause_after` ("1,2")."""
+    path = os.pathsep.join(filter(None, [str(PAUSE_DOUBLE), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen([sys.executable, "-m", "tuning.search", "--config", str(config), "--name", name],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "BONEAGE_FAULT_TEST": str(config),
-                                 **SYNC_FAST})
+                                 "PYTHONPATH": path, "BONEAGE_PAUSE_AFTER_REPORT": f"{pause_after}:3", **SYNC_FAST})
 
 
 def kill_group(process) -> None:
@@ -83,7 +89,7 @@ def test_driver_killed_then_resumed_finishes_every_trial_once(tmp_path, phantom_
     config = search_config(tmp_path, phantom_root, rates, epochs=3, max_concurrent_trials=1, grace_period=3,
                            max_failures=0, time_budget_s=3000, frozen_layers=HEAD_ONLY)
     experiment = tmp_path / "experiments" / "killed"
-    driver = start(config, "killed")
+    driver = start(config, "killed", pause_after="1")  # each kill lands in epoch 1's pause
     try:
         # 1. one trial finished; the next has a checkpoint: kill its process (it errors, no retries)
         first = wait_for(lambda: next((t for t, r in trial_results(experiment).items() if r and r[-1]["epoch"] == 3), None),
@@ -102,6 +108,7 @@ def test_driver_killed_then_resumed_finishes_every_trial_once(tmp_path, phantom_
     first_session = before[cut][-1]["timestamp"] - before[first][0]["timestamp"]
     assert not (experiment / "trials.csv").exists()  # the killed search never reached its end
     assert [r["epoch"] for r in before[errored]] == [1] and [r["epoch"] for r in before[cut]] == [1]
+    assert before[first][1]["timestamp"] - before[first][0]["timestamp"] >= 3  # the pause double held epoch 1
 
     resumed_at = time.time()
     resumed = run_search("--config", str(config), "--name", "killed", "--resume")
@@ -137,7 +144,7 @@ def test_a_trial_killed_until_its_retries_run_out_is_failed_and_the_search_compl
     config = search_config(tmp_path, phantom_root, [1.0e-3, 5.0e-4], epochs=4, max_concurrent_trials=1,
                            grace_period=4, max_failures=1, frozen_layers=HEAD_ONLY)
     experiment = tmp_path / "experiments" / "retried"
-    driver = start(config, "retried")
+    driver = start(config, "retried", pause_after="1,2,3")
     try:
         victim = wait_for(lambda: running_at_epoch(experiment, 1), driver, "a checkpoint at epoch 1")
         first_pid = trial_results(experiment)[victim][-1]["pid"]
