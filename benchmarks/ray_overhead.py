@@ -2,7 +2,9 @@
 `python -m tuning.search` (Ray Tune, a fresh worker process per trial, a checkpoint per epoch)
 and one after another in one process with `boneage.train.train` and no Ray, side by side in one
 run; the wall-time ratio, and what a trial's start-up costs (process, TensorFlow import, model
-build, data ready).
+build, data ready). A third run is the search with `tune.reuse_actors: true` (a trial may run in
+the process of an ended one): its wall time beside the others, the processes it used and each
+trial's peak resident memory in its process (sampled from /proc), to decide `reuse_actors`.
 
     python benchmarks/ray_overhead.py [--trials 4 --images 1000 --epochs 2]
 
@@ -20,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +75,60 @@ print(json.dumps({"wall": time.time() - started, "trials": seconds}))
 """
 
 
+class TrialMemory(threading.Thread):
+    """Samples the resident memory of every Ray trial process (titled `ray::ImplicitFunc...`)
+    four times a second: {pid: [(time, MiB), ...]}."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.samples: dict[int, list] = {}
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.25):
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    if not (entry / "cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
+                        continue
+                    status = (entry / "status").read_text()
+                except OSError:
+                    continue
+                rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+                self.samples.setdefault(int(entry.name), []).append((time.time(), rss / 1024))
+
+    def per_trial(self, experiment: Path) -> list[tuple]:
+        """(trial, pid, its place in the process: 1 = first, peak MiB while it ran), by start."""
+        spans = []
+        for path in experiment.glob("run_trial_*/result.json"):
+            results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            start = results[0]["timestamp"] - results[0]["time_total_s"] - 1  # whole seconds
+            spans.append((start, results[-1]["timestamp"] + 1, results[0]["trial_id"], results[0]["pid"]))
+        rows, seen = [], {}
+        for start, end, trial, pid in sorted(spans):
+            seen[pid] = seen.get(pid, 0) + 1
+            peak = max((mib for t, mib in self.samples.get(pid, []) if start <= t <= end), default=float("nan"))
+            rows.append((trial, pid, seen[pid], peak))
+        return rows
+
+
+def search(config: Path, name: str, env: dict, *overrides: str) -> tuple[dict, "object", list]:
+    """`python -m tuning.search` with the trial processes' memory sampled: (summary, trials.csv, per trial)."""
+    import pandas as pd
+
+    memory = TrialMemory()
+    memory.start()
+    out = subprocess.run([sys.executable, "-m", "tuning.search", "--config", str(config), "--name", name,
+                          *[a for o in overrides for a in ("--set", o)]], env=env, capture_output=True, text=True)
+    memory.done.set()
+    if out.returncode:
+        sys.exit(out.stdout[-3000:] + out.stderr[-3000:])
+    experiment = config.parent / "experiments" / name
+    return (json.loads((experiment / "summary.json").read_text()), pd.read_csv(experiment / "trials.csv"),
+            memory.per_trial(experiment))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=4)
@@ -111,14 +168,8 @@ def main() -> None:
             sys.exit(out.stderr[-3000:])
         plain = json.loads(out.stdout.strip().splitlines()[-1])
 
-        out = subprocess.run([sys.executable, "-m", "tuning.search", "--config", str(config), "--name", "ray"],
-                             env=env, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(out.stdout[-3000:] + out.stderr[-3000:])
-        summary = json.loads((tmp / "experiments" / "ray" / "summary.json").read_text())
-        import pandas as pd
-
-        trials = pd.read_csv(tmp / "experiments" / "ray" / "trials.csv")
+        summary, trials, fresh = search(config, "ray", env)
+        reused_summary, reused_trials, reused = search(config, "ray-reuse", env, "tune.reuse_actors=true")
 
         started = time.perf_counter()
         subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
@@ -129,19 +180,27 @@ def main() -> None:
             sys.exit(out.stderr[-3000:])
         startup = {"start a Python process": interpreter, **json.loads(out.stdout.strip().splitlines()[-1])}
 
-    ray_wall, plain_wall = summary["search_time_s"], plain["wall"]
+    ray_wall, plain_wall, reuse_wall = summary["search_time_s"], plain["wall"], reused_summary["search_time_s"]
     ratio = ray_wall / plain_wall
     per_trial = (ray_wall - plain_wall) / args.trials
     rows = [["one process, no Ray (boneage.train.train in a loop)", plain_wall, plain_wall / args.trials, 1.0],
-            ["tuning.search (Ray Tune, ASHA never stopping)", ray_wall, ray_wall / args.trials, ratio]]
+            ["tuning.search (Ray Tune, ASHA never stopping)", ray_wall, ray_wall / args.trials, ratio],
+            ["the same with tune.reuse_actors: true", reuse_wall, reuse_wall / args.trials, reuse_wall / plain_wall]]
+    processes = len({pid for _, pid, _, _ in reused})
+    memory_rows = [[i + 1, a[2], a[3], b[2], b[3]] for i, (a, b) in enumerate(zip(fresh, reused))]
     body = "\n".join([
         f"{args.trials} trials, {args.epochs} epochs each, {round(0.7 * args.images)} phantom training images at "
         f"{args.size} px, one trial at a time on {cpus} CPUs. Trial times in Ray (Tune's own count, from the "
         f"trainable's start): {', '.join(f'{s:.0f}' for s in trials['time_s'])} s; in the plain loop: "
-        f"{', '.join(f'{s:.0f}' for s in plain['trials'])} s.", "",
+        f"{', '.join(f'{s:.0f}' for s in plain['trials'])} s; with reused processes: "
+        f"{', '.join(f'{s:.0f}' for s in reused_trials['time_s'])} s.", "",
         table(["run", "wall seconds", "seconds per trial", "x plain"], rows), "",
         f"Ray vs plain: **{ratio:.2f}x** (target 1.15: {'met' if ratio <= 1.15 else 'missed'}), "
-        f"{per_trial:.1f} s more per trial.", "",
+        f"{per_trial:.1f} s more per trial. Reusing processes: {(ray_wall - reuse_wall) / args.trials:+.1f} s per "
+        f"trial against a fresh process each; {processes} process(es) ran the {args.trials} trials.", "",
+        "Each trial's peak resident memory in its process (sampled four times a second; the place "
+        "is the trial's turn in its process, 1 = a fresh process):", "",
+        table(["trial", "fresh: place", "fresh: peak MiB", "reused: place", "reused: peak MiB"], memory_rows), "",
         "What a fresh trial process pays before its first step (measured in a fresh process):", "",
         table(["start-up step", "seconds"], [[k, v] for k, v in startup.items()])])
     print(body)

@@ -85,8 +85,8 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
             num_samples=cfg.tune.num_samples,
-            # a real trial sets TensorFlow up once per process: a fresh one each; a replayed one reuses it
-            reuse_actors=bool(cfg.tune.replay.curves)),
+            # a replayed trial has no TensorFlow to set up: it always reuses (benchmark 10 for real ones)
+            reuse_actors=cfg.tune.reuse_actors or bool(cfg.tune.replay.curves)),
         run_config=tune.RunConfig(
             name=exp.name, storage_path=exp.storage_path, stop=tune.stopper.CombinedStopper(watch, progress),
             # StudySync last: it copies mlflow.db after the MLflow callback has written a trial's run
