@@ -196,7 +196,7 @@ def main() -> None:
         f"{', '.join(f'{s:.0f}' for s in reused_trials['time_s'])} s.", "",
         table(["run", "wall seconds", "seconds per trial", "x plain"], rows), "",
         f"Ray vs plain: **{ratio:.2f}x** (target 1.15: {'met' if ratio <= 1.15 else 'missed'}), "
-        f"{per_trial:.1f} s more per trial. Reusing processes: {(ray_wall - reuse_wall) / args.trials:+.1f} s per "
+        f"{per_trial:.1f} s more per trial. Reusing processes saves {(ray_wall - reuse_wall) / args.trials:.1f} s per "
         f"trial against a fresh process each; {processes} process(es) ran the {args.trials} trials.", "",
         "Each trial's peak resident memory in its process (sampled four times a second; the place "
         "is the trial's turn in its process, 1 = a fresh process):", "",
