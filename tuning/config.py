@@ -47,7 +47,7 @@ class TuneConfig:
     checkpoint_every: int = field(default=1, metadata=_range(1))  # epochs between trial checkpoints
     max_failures: int = field(default=1, metadata=_range(0))  # retries of a crashed trial
     # true: a trial may run in the process of an ended one (Ray's reuse_actors), skipping TensorFlow's
-    # import; false: a fresh process per trial (benchmark 10 measured both)
+    # import; false: a fresh process per trial (benchmark 4 measured both)
     reuse_actors: bool = False
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     space: dict[str, Any] = field(default_factory=dict)

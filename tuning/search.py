@@ -85,7 +85,7 @@ def make_tuner(cfg: SearchConfig, exp: Experiment, splits, expected, resume: boo
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
             num_samples=cfg.tune.num_samples,
-            # a replayed trial has no TensorFlow to set up: it always reuses (benchmark 10 for real ones)
+            # a replayed trial has no TensorFlow to set up: it always reuses (benchmark 4 for real ones)
             reuse_actors=cfg.tune.reuse_actors or bool(cfg.tune.replay.curves)),
         run_config=tune.RunConfig(
             name=exp.name, storage_path=exp.storage_path, stop=tune.stopper.CombinedStopper(watch, progress),

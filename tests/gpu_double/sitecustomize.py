@@ -11,11 +11,9 @@ device), so training runs, on the CPU.
 
 Each call is appended as a JSON line to `$BONEAGE_FAKE_GPU_LOG/<pid>.jsonl`, for tests to read.
 """
-import importlib.abc
-import importlib.util
 import json
 import os
-import sys
+import runpy
 import time
 
 _TARGET = "tensorflow.python.eager.context"
@@ -70,26 +68,6 @@ def _patch(context) -> None:
           "fake_gpus": len(_fake_gpu_names())})
 
 
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Patches TensorFlow's eager context as soon as it is imported (importing TensorFlow here,
-    at start-up, would slow every Python process that has this on its path)."""
-
-    def find_spec(self, name, path, target=None):
-        if name != _TARGET:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        sys.meta_path.insert(0, self)
-        loader = spec.loader
-        exec_module = loader.exec_module
-
-        def exec_and_patch(module):
-            exec_module(module)
-            _patch(module)
-
-        loader.exec_module = exec_and_patch
-        return spec
-
-
-if os.environ.get("BONEAGE_FAKE_GPUS"):
-    sys.meta_path.insert(0, _PatchOnImport())
+if os.environ.get("BONEAGE_FAKE_GPUS"):  # the hook lives in tests/patch_on_import.py
+    runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "patch_on_import.py"))["patch_on_import"](_TARGET, _patch)
